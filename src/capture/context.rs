@@ -1,0 +1,71 @@
+//! Who, when and why, gathered once per statement.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::ffi::CStr;
+
+use pgrx::prelude::*;
+
+pub struct StatementContext {
+    pub at: i64,
+    pub txid: u64,
+    pub actor: String,
+    pub db_role: String,
+    pub session_role: String,
+    pub application_name: Option<String>,
+    pub client_addr: Option<String>,
+    pub reason: Option<String>,
+}
+
+thread_local! {
+    static ROLE_NAMES: RefCell<HashMap<pg_sys::Oid, String>> = RefCell::new(HashMap::new());
+    static CLIENT_ADDR: RefCell<Option<Option<String>>> = const { RefCell::new(None) };
+}
+
+fn role_name(role: pg_sys::Oid) -> String {
+    if let Some(n) = ROLE_NAMES.with(|r| r.borrow().get(&role).cloned()) {
+        return n;
+    }
+    let name = unsafe { CStr::from_ptr(pg_sys::GetUserNameFromId(role, true)) };
+    let name = name.to_string_lossy().into_owned();
+    ROLE_NAMES.with(|r| r.borrow_mut().insert(role, name.clone()));
+    name
+}
+
+/// A string setting, `None` when unset or empty.
+fn setting(name: &CStr) -> Option<String> {
+    let value = unsafe { pg_sys::GetConfigOption(name.as_ptr(), true, false) };
+    if value.is_null() {
+        return None;
+    }
+    let value = unsafe { CStr::from_ptr(value) }.to_string_lossy();
+    (!value.is_empty()).then(|| value.into_owned())
+}
+
+/// The client's address as `host()` prints it; constant for the session.
+fn client_addr() -> Option<String> {
+    if let Some(a) = CLIENT_ADDR.with(|c| c.borrow().clone()) {
+        return a;
+    }
+    let addr = Spi::get_one::<String>("SELECT pg_catalog.host(pg_catalog.inet_client_addr())")
+        .ok()
+        .flatten();
+    CLIENT_ADDR.with(|c| *c.borrow_mut() = Some(addr.clone()));
+    addr
+}
+
+impl StatementContext {
+    pub fn current() -> Self {
+        let db_role = role_name(unsafe { pg_sys::GetUserId() });
+        StatementContext {
+            at: unsafe { pg_sys::GetCurrentStatementStartTimestamp() },
+            txid: unsafe { pg_sys::GetTopFullTransactionId() }.value,
+            actor: setting(c"subject_audit.actor").unwrap_or_else(|| db_role.clone()),
+            session_role: role_name(unsafe { pg_sys::GetSessionUserId() }),
+            db_role,
+            application_name: setting(c"application_name"),
+            client_addr: client_addr(),
+            reason: setting(c"subject_audit.reason"),
+        }
+    }
+}

@@ -1,0 +1,307 @@
+//! Capture: statement-level AFTER triggers with transition tables turn every
+//! INSERT, UPDATE and DELETE on a tracked table into encrypted events.
+//!
+//! Per statement: read the transition tables straight from their tuplestores,
+//! diff old and new tuples datum by datum, format only what is recorded, then
+//! resolve all subject keys in one batch and insert the events directly into
+//! the heap (no SPI, no per-row planning).
+
+mod context;
+mod diff;
+mod event_writer;
+mod table_meta;
+
+use std::ffi::CStr;
+use std::rc::Rc;
+
+use pgrx::pg_sys;
+use pgrx::PgSqlErrorCode::*;
+
+use crate::envelope::{PayloadWriter, Value};
+use crate::keyring;
+use crate::store::error::raise;
+use context::StatementContext;
+use table_meta::{Column, TableMeta};
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Operation {
+    Insert,
+    Update,
+    Delete,
+}
+
+impl Operation {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Operation::Insert => "INSERT",
+            Operation::Update => "UPDATE",
+            Operation::Delete => "DELETE",
+        }
+    }
+}
+
+/// One event, formatted and not yet encrypted.
+pub struct PendingEvent {
+    pub subject: Option<[u8; 32]>,
+    /// Indexes into the table's captured columns, shared by events alike.
+    pub columns: Rc<[usize]>,
+    pub payload: zeroize::Zeroizing<Vec<u8>>,
+}
+
+/// Registers the relcache callback that drops stale table metadata.
+pub fn init() {
+    unsafe {
+        pg_sys::CacheRegisterRelcacheCallback(
+            Some(on_relcache_invalidation),
+            pg_sys::Datum::from(0),
+        );
+    }
+}
+
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn on_relcache_invalidation(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
+    table_meta::on_relation_invalidated(relid);
+}
+
+unsafe extern "C-unwind" {
+    fn datum_image_eq(
+        value1: pg_sys::Datum,
+        value2: pg_sys::Datum,
+        by_value: bool,
+        length: i32,
+    ) -> bool;
+}
+
+/// The body of `subject_audit.capture_change()`.
+///
+/// # Safety
+/// `trigger` must be the `TriggerData` PostgreSQL passed to the trigger function.
+pub unsafe fn on_statement(trigger: &pg_sys::TriggerData) {
+    let event = trigger.tg_event;
+    let for_row = event & pg_sys::TRIGGER_EVENT_ROW != 0;
+    let after = event & pg_sys::TRIGGER_EVENT_TIMINGMASK == pg_sys::TRIGGER_EVENT_AFTER;
+    let operation = match event & pg_sys::TRIGGER_EVENT_OPMASK {
+        pg_sys::TRIGGER_EVENT_INSERT => Operation::Insert,
+        pg_sys::TRIGGER_EVENT_UPDATE => Operation::Update,
+        pg_sys::TRIGGER_EVENT_DELETE => Operation::Delete,
+        _ => raise(
+            ERRCODE_TRIGGERED_ACTION_EXCEPTION,
+            "subject_audit.capture_change() does not handle TRUNCATE",
+        ),
+    };
+    if for_row || !after {
+        raise(
+            ERRCODE_TRIGGERED_ACTION_EXCEPTION,
+            "subject_audit.capture_change() must fire AFTER ... FOR EACH STATEMENT; use subject_audit.track()",
+        );
+    }
+    let relation = trigger.tg_relation;
+    let meta = table_meta::get(relation);
+    let tupdesc = (*relation).rd_att;
+    let statement = StatementContext::current();
+    let reason = statement.reason.as_deref();
+
+    let row_memory = pg_sys::AllocSetContextCreateExtended(
+        pg_sys::CurrentMemoryContext,
+        c"pg_subject_audit row".as_ptr(),
+        pg_sys::ALLOCSET_DEFAULT_MINSIZE as usize,
+        pg_sys::ALLOCSET_DEFAULT_INITSIZE as usize,
+        pg_sys::ALLOCSET_DEFAULT_MAXSIZE as usize,
+    );
+    let all_columns: Rc<[usize]> = (0..meta.columns.len()).collect();
+    let mut events = Vec::new();
+    let in_row_memory = |f: &mut dyn FnMut()| {
+        let previous = pg_sys::MemoryContextSwitchTo(row_memory);
+        f();
+        pg_sys::MemoryContextSwitchTo(previous);
+        pg_sys::MemoryContextReset(row_memory);
+    };
+    match operation {
+        Operation::Insert | Operation::Delete => {
+            let (store, insert) = if operation == Operation::Insert {
+                (trigger.tg_newtable, true)
+            } else {
+                (trigger.tg_oldtable, false)
+            };
+            let mut reader = TransitionReader::new(store, tupdesc);
+            while reader.next() {
+                in_row_memory(&mut || {
+                    let row = reader.row();
+                    let subject = subject_of(&meta, row);
+                    let mut payload = PayloadWriter::new(reason);
+                    for column in &meta.columns {
+                        let value = format_value(column, row);
+                        let (before, after) = if insert {
+                            (Value::Absent, value)
+                        } else {
+                            (value, Value::Absent)
+                        };
+                        payload.column(column.json, before, after);
+                    }
+                    events.push(PendingEvent {
+                        subject,
+                        columns: all_columns.clone(),
+                        payload: payload.finish().into(),
+                    });
+                });
+            }
+            reader.finish();
+        }
+        Operation::Update => {
+            let mut old = TransitionReader::new(trigger.tg_oldtable, tupdesc);
+            let mut new = TransitionReader::new(trigger.tg_newtable, tupdesc);
+            let mut shared: Option<Rc<[usize]>> = None;
+            while old.next() && new.next() {
+                in_row_memory(&mut || {
+                    let (before, after) = (old.row(), new.row());
+                    let changed = changed_columns(&meta.columns, before, after);
+                    if changed.is_empty() {
+                        return;
+                    }
+                    let columns = match &shared {
+                        Some(s) if **s == changed[..] => s.clone(),
+                        _ => {
+                            let s: Rc<[usize]> = changed.into();
+                            shared = Some(s.clone());
+                            s
+                        }
+                    };
+                    let mut payload = PayloadWriter::new(reason);
+                    for &i in columns.iter() {
+                        let column = &meta.columns[i];
+                        payload.column(
+                            column.json,
+                            format_value(column, before),
+                            format_value(column, after),
+                        );
+                    }
+                    let payload = payload.finish();
+                    // A change of subject concerns both people: each gets the event.
+                    let (old_subject, new_subject) =
+                        (subject_of(&meta, before), subject_of(&meta, after));
+                    if old_subject != new_subject {
+                        events.push(PendingEvent {
+                            subject: old_subject,
+                            columns: columns.clone(),
+                            payload: payload.clone().into(),
+                        });
+                    }
+                    events.push(PendingEvent {
+                        subject: new_subject,
+                        columns,
+                        payload: payload.into(),
+                    });
+                });
+            }
+            old.finish();
+            new.finish();
+        }
+    }
+    pg_sys::MemoryContextDelete(row_memory);
+    if !events.is_empty() {
+        event_writer::write(operation, &meta, &statement, events);
+    }
+}
+
+/// The values of one transition-table row, deformed.
+struct Row {
+    values: *const pg_sys::Datum,
+    nulls: *const bool,
+}
+
+impl Row {
+    unsafe fn get(&self, index: usize) -> Option<pg_sys::Datum> {
+        (!*self.nulls.add(index)).then(|| *self.values.add(index))
+    }
+}
+
+/// Reads a transition table through a read pointer of its own, so other
+/// triggers reading the same tuplestore are not disturbed.
+struct TransitionReader {
+    store: *mut pg_sys::Tuplestorestate,
+    slot: *mut pg_sys::TupleTableSlot,
+    pointer: i32,
+    row: Row,
+}
+
+impl TransitionReader {
+    unsafe fn new(store: *mut pg_sys::Tuplestorestate, tupdesc: pg_sys::TupleDesc) -> Self {
+        if store.is_null() {
+            raise(
+                ERRCODE_TRIGGERED_ACTION_EXCEPTION,
+                "subject_audit.capture_change() needs its transition tables; use subject_audit.track()",
+            );
+        }
+        let slot = pg_sys::MakeSingleTupleTableSlot(tupdesc, &pg_sys::TTSOpsMinimalTuple);
+        let pointer = pg_sys::tuplestore_alloc_read_pointer(store, 0);
+        pg_sys::tuplestore_select_read_pointer(store, pointer);
+        pg_sys::tuplestore_rescan(store);
+        let row = Row {
+            values: (*slot).tts_values,
+            nulls: (*slot).tts_isnull,
+        };
+        TransitionReader {
+            store,
+            slot,
+            pointer,
+            row,
+        }
+    }
+
+    unsafe fn next(&mut self) -> bool {
+        pg_sys::tuplestore_select_read_pointer(self.store, self.pointer);
+        if !pg_sys::tuplestore_gettupleslot(self.store, true, false, self.slot) {
+            return false;
+        }
+        pg_sys::slot_getallattrs(self.slot);
+        self.row = Row {
+            values: (*self.slot).tts_values,
+            nulls: (*self.slot).tts_isnull,
+        };
+        true
+    }
+
+    fn row(&self) -> &Row {
+        &self.row
+    }
+
+    unsafe fn finish(self) {
+        pg_sys::ExecDropSingleTupleTableSlot(self.slot);
+    }
+}
+
+unsafe fn subject_of(meta: &TableMeta, row: &Row) -> Option<[u8; 32]> {
+    row.get(meta.subject.index).map(|datum| {
+        let text =
+            pg_sys::OutputFunctionCall(meta.subject.output.as_ref() as *const _ as *mut _, datum);
+        keyring::subject_digest(CStr::from_ptr(text).to_bytes())
+    })
+}
+
+unsafe fn format_value<'a>(column: &Column, row: &'a Row) -> Value<&'a [u8]> {
+    match row.get(column.index) {
+        None => Value::Null,
+        Some(datum) => {
+            let text =
+                pg_sys::OutputFunctionCall(column.output.as_ref() as *const _ as *mut _, datum);
+            // Allocated in the row context, which outlives this row's use.
+            Value::Text(CStr::from_ptr(text).to_bytes())
+        }
+    }
+}
+
+unsafe fn changed_columns(columns: &[Column], before: &Row, after: &Row) -> Vec<usize> {
+    let old: Vec<_> = columns
+        .iter()
+        .map(|c| before.get(c.index).map(|d| (d, c)))
+        .collect();
+    let new: Vec<_> = columns
+        .iter()
+        .map(|c| after.get(c.index).map(|d| (d, c)))
+        .collect();
+    diff::changed(&old, &new, |(a, column), (b, _)| {
+        pg_sys::ffi::pg_guard_ffi_boundary(|| {
+            datum_image_eq(*a, *b, column.by_value, column.length.into())
+        })
+    })
+}

@@ -1,0 +1,184 @@
+//! HPKE (RFC 9180, base mode, X25519-HKDF-SHA256 / AES-256-GCM) used for key
+//! agreement only: a writer sets up one sender context per backend and the
+//! reader repeats the key schedule with its private key. Data keys come from
+//! the HPKE secret export, with the subject's salt as exporter context.
+
+use hpke::{Deserializable, OpModeR, OpModeS, Serializable};
+use zeroize::Zeroizing;
+
+use super::{CryptoError, DataKey, KEY_LEN};
+
+pub(super) type Kem = hpke::kem::X25519HkdfSha256;
+type Kdf = hpke::kdf::HkdfSha256;
+type Aead = hpke::aead::AesGcm256;
+
+const INFO: &[u8] = b"pg_subject_audit writer context v1";
+const SUBJECT_LABEL: &[u8] = b"pg_subject_audit subject key v1:";
+const NO_SUBJECT_LABEL: &[u8] = b"pg_subject_audit no-subject key v1";
+
+/// Exporter context for a subject's data key; `None` is the key for events
+/// that belong to no subject (admin events, rows whose subject is NULL).
+fn exporter_context(salt: Option<&[u8]>) -> Vec<u8> {
+    match salt {
+        Some(salt) => [SUBJECT_LABEL, salt].concat(),
+        None => NO_SUBJECT_LABEL.to_vec(),
+    }
+}
+
+fn data_key_from(
+    export: impl FnOnce(&[u8], &mut [u8]) -> Result<(), hpke::HpkeError>,
+    salt: Option<&[u8]>,
+) -> DataKey {
+    let mut key = Zeroizing::new([0u8; 32]);
+    // A 32-byte export is far below HKDF's output limit, so this cannot fail.
+    export(&exporter_context(salt), &mut key[..]).expect("HPKE export of 32 bytes");
+    DataKey::new(&key)
+}
+
+pub struct SenderContext {
+    context: hpke::aead::AeadCtxS<Aead, Kdf, Kem>,
+    encapsulated_key: Vec<u8>,
+}
+
+impl SenderContext {
+    pub fn new(public_key: &[u8]) -> Result<Self, CryptoError> {
+        if public_key.len() != KEY_LEN {
+            return Err(CryptoError::KeyLength(public_key.len()));
+        }
+        let public = <Kem as hpke::Kem>::PublicKey::from_bytes(public_key)
+            .map_err(|_| CryptoError::UnusablePublicKey)?;
+        let mut rng = rand_core::UnwrapErr(rand_core::OsRng);
+        let (encapsulated, context) =
+            hpke::setup_sender::<Aead, Kdf, Kem, _>(&OpModeS::Base, &public, INFO, &mut rng)
+                .map_err(|_| CryptoError::UnusablePublicKey)?;
+        Ok(SenderContext {
+            context,
+            encapsulated_key: encapsulated.to_bytes().to_vec(),
+        })
+    }
+
+    /// What the reader needs, besides its private key, to repeat the key schedule.
+    pub fn encapsulated_key(&self) -> &[u8] {
+        &self.encapsulated_key
+    }
+
+    pub fn data_key(&self, salt: Option<&[u8]>) -> DataKey {
+        data_key_from(|ctx, out| self.context.export(ctx, out), salt)
+    }
+}
+
+pub struct ReceiverContext {
+    context: hpke::aead::AeadCtxR<Aead, Kdf, Kem>,
+}
+
+impl ReceiverContext {
+    pub fn new(private_key: &[u8], encapsulated_key: &[u8]) -> Result<Self, CryptoError> {
+        if private_key.len() != KEY_LEN {
+            return Err(CryptoError::KeyLength(private_key.len()));
+        }
+        let private = <Kem as hpke::Kem>::PrivateKey::from_bytes(private_key)
+            .map_err(|_| CryptoError::KeyLength(private_key.len()))?;
+        let encapsulated = <Kem as hpke::Kem>::EncappedKey::from_bytes(encapsulated_key)
+            .map_err(|_| CryptoError::BadEncapsulatedKey)?;
+        let context =
+            hpke::setup_receiver::<Aead, Kdf, Kem>(&OpModeR::Base, &private, &encapsulated, INFO)
+                .map_err(|_| CryptoError::BadEncapsulatedKey)?;
+        Ok(ReceiverContext { context })
+    }
+
+    pub fn data_key(&self, salt: Option<&[u8]>) -> DataKey {
+        data_key_from(|ctx, out| self.context.export(ctx, out), salt)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::generate_keypair;
+    use super::*;
+
+    #[test]
+    fn receiver_derives_the_senders_data_keys() {
+        let (pk, sk) = generate_keypair();
+        let sender = SenderContext::new(&pk).unwrap();
+        let receiver = ReceiverContext::new(&sk[..], sender.encapsulated_key()).unwrap();
+        let salt = [7u8; 32];
+        let (nonce, ct) = sender.data_key(Some(&salt)).seal(b"aad", b"hello").unwrap();
+        assert_eq!(
+            receiver
+                .data_key(Some(&salt))
+                .open(&nonce, b"aad", &ct)
+                .unwrap(),
+            b"hello"
+        );
+        let (nonce, ct) = sender.data_key(None).seal(b"aad", b"no subject").unwrap();
+        assert_eq!(
+            receiver.data_key(None).open(&nonce, b"aad", &ct).unwrap(),
+            b"no subject"
+        );
+    }
+
+    #[test]
+    fn subjects_and_contexts_get_distinct_keys() {
+        let (pk, sk) = generate_keypair();
+        let sender = SenderContext::new(&pk).unwrap();
+        let receiver = ReceiverContext::new(&sk[..], sender.encapsulated_key()).unwrap();
+        let (nonce, ct) = sender
+            .data_key(Some(&[1u8; 32]))
+            .seal(b"", b"alice")
+            .unwrap();
+        // Another subject's salt derives another key.
+        assert_eq!(
+            receiver.data_key(Some(&[2u8; 32])).open(&nonce, b"", &ct),
+            Err(CryptoError::Authentication)
+        );
+        assert_eq!(
+            receiver.data_key(None).open(&nonce, b"", &ct),
+            Err(CryptoError::Authentication)
+        );
+        // A second sender context to the same key exports different secrets.
+        let other = SenderContext::new(&pk).unwrap();
+        assert_ne!(other.encapsulated_key(), sender.encapsulated_key());
+        let receiver2 = ReceiverContext::new(&sk[..], other.encapsulated_key()).unwrap();
+        assert_eq!(
+            receiver2.data_key(Some(&[1u8; 32])).open(&nonce, b"", &ct),
+            Err(CryptoError::Authentication)
+        );
+    }
+
+    #[test]
+    fn wrong_private_key_cannot_decrypt() {
+        let (pk, _) = generate_keypair();
+        let (_, wrong) = generate_keypair();
+        let sender = SenderContext::new(&pk).unwrap();
+        let receiver = ReceiverContext::new(&wrong[..], sender.encapsulated_key()).unwrap();
+        let (nonce, ct) = sender
+            .data_key(Some(&[3u8; 32]))
+            .seal(b"", b"secret")
+            .unwrap();
+        assert!(receiver
+            .data_key(Some(&[3u8; 32]))
+            .open(&nonce, b"", &ct)
+            .is_err());
+    }
+
+    /// RFC 9180 test vector A.1 (DHKEM(X25519, HKDF-SHA256), HKDF-SHA256, AES-128-GCM) does not
+    /// match our AEAD id, so this known-answer test pins our suite instead: a fixed private key
+    /// and encapsulated key must always derive the same data key, whatever the crate version.
+    #[test]
+    fn known_answer_export() {
+        let sk =
+            crate::crypto::hex("77076d0a7318a57d3c16c17251b26645df4c2f87ebc0992ab177fba51db92c2a");
+        let enc =
+            crate::crypto::hex("de9edb7d7b7dc1b4d35b61c2ece435373f8343c85b78674dadfc7e146f882b4f");
+        let receiver = ReceiverContext::new(&sk, &enc).unwrap();
+        let key = receiver.data_key(Some(&[0u8; 32]));
+        let (_, ct) = key.seal_with_nonce(&[0u8; 12], b"", b"").unwrap();
+        assert_eq!(hex_of(&ct), KAT_TAG);
+    }
+
+    const KAT_TAG: &str = "09f9f25d5c4832d339daa00b2bab1968";
+
+    fn hex_of(b: &[u8]) -> String {
+        b.iter().map(|x| format!("{x:02x}")).collect()
+    }
+}

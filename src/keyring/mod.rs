@@ -1,0 +1,78 @@
+//! Key material held in backend memory only.
+//!
+//! - `session`: the reader side, private keys this session unlocked and the
+//!   HPKE receiver contexts derived from them.
+//! - `writer`: the writer side, this backend's HPKE sender context, the
+//!   subject keys it has used and the subject digester.
+//!
+//! Caches here never outlive the truth: entries created in a transaction are
+//! dropped if it (or the savepoint that created them) rolls back, and a
+//! relcache invalidation of our key tables, sent on key install/retire and on
+//! erasure, drops the matching cache in every backend.
+
+mod session;
+mod writer;
+
+pub use session::{
+    ensure_unlocked, lock, reader_data_key, stash_from_setting, unlock, KeyNotUnlocked,
+};
+pub use writer::{subject_digest, subject_keys, writer_context};
+
+use pgrx::pg_sys;
+
+/// `InvalidSubTransactionId`: an abort of the whole transaction.
+const INVALID_SUBTRANSACTION_ID: pg_sys::SubTransactionId = 0;
+
+/// Registers the callbacks that keep the caches honest. Called from `_PG_init`.
+pub fn init() {
+    unsafe {
+        pg_sys::CacheRegisterRelcacheCallback(
+            Some(on_relcache_invalidation),
+            pg_sys::Datum::from(0),
+        );
+        pg_sys::RegisterXactCallback(Some(on_xact_event), std::ptr::null_mut());
+        pg_sys::RegisterSubXactCallback(Some(on_subxact_event), std::ptr::null_mut());
+        pg_sys::on_proc_exit(Some(on_backend_exit), pg_sys::Datum::from(0));
+    }
+}
+
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn on_relcache_invalidation(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
+    writer::on_relation_invalidated(relid);
+    session::on_relation_invalidated(relid);
+}
+
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn on_xact_event(
+    event: pg_sys::XactEvent::Type,
+    _arg: *mut std::ffi::c_void,
+) {
+    match event {
+        pg_sys::XactEvent::XACT_EVENT_COMMIT | pg_sys::XactEvent::XACT_EVENT_PARALLEL_COMMIT => {
+            writer::on_commit()
+        }
+        // A prepared transaction may still roll back: forget what it created.
+        pg_sys::XactEvent::XACT_EVENT_ABORT
+        | pg_sys::XactEvent::XACT_EVENT_PARALLEL_ABORT
+        | pg_sys::XactEvent::XACT_EVENT_PREPARE => writer::on_abort(INVALID_SUBTRANSACTION_ID),
+        _ => {}
+    }
+}
+
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn on_subxact_event(
+    event: pg_sys::SubXactEvent::Type,
+    my_subid: pg_sys::SubTransactionId,
+    _parent: pg_sys::SubTransactionId,
+    _arg: *mut std::ffi::c_void,
+) {
+    if event == pg_sys::SubXactEvent::SUBXACT_EVENT_ABORT_SUB {
+        writer::on_abort(my_subid);
+    }
+}
+
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn on_backend_exit(_code: i32, _arg: pg_sys::Datum) {
+    session::wipe();
+    writer::wipe();
+}

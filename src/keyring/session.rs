@@ -1,0 +1,214 @@
+//! The session keyring: private keys this session unlocked, in backend memory
+//! only, wiped on `lock()` and at backend exit.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+
+use pgrx::prelude::*;
+use pgrx::PgSqlErrorCode::*;
+use zeroize::Zeroizing;
+
+use crate::crypto::{self, DataKey, ReceiverContext, KEY_LEN};
+use crate::store::{self, error::raise, error::raise_with_hint};
+
+/// More receiver contexts than this and the cache starts over.
+const MAX_RECEIVERS: usize = 10_000;
+
+struct UnlockedKey {
+    key_id: i32,
+    private_key: Zeroizing<[u8; KEY_LEN]>,
+}
+
+#[derive(Default)]
+struct SessionKeys {
+    keys: Vec<UnlockedKey>,
+    /// Keys given in `subject_audit.session_key`, checked against the
+    /// installed public keys on first use (the setting is parsed before any
+    /// database access is possible).
+    pending: Vec<Zeroizing<[u8; KEY_LEN]>>,
+    pending_malformed: bool,
+    receivers: HashMap<i64, Rc<ReceiverContext>>,
+}
+
+thread_local! {
+    static SESSION: RefCell<SessionKeys> = RefCell::new(SessionKeys::default());
+}
+
+/// An event is encrypted under a key this session has not unlocked.
+pub struct KeyNotUnlocked(pub i32);
+
+pub fn unlock(private_key: &[u8]) -> usize {
+    let key = parse_private_key(private_key);
+    add_key(key, "this private key matches no installed public key")
+}
+
+fn parse_private_key(bytes: &[u8]) -> Zeroizing<[u8; KEY_LEN]> {
+    if bytes.len() != KEY_LEN {
+        raise(
+            ERRCODE_INVALID_PARAMETER_VALUE,
+            format!("a private key is {KEY_LEN} bytes, got {}", bytes.len()),
+        );
+    }
+    let mut key = Zeroizing::new([0u8; KEY_LEN]);
+    key.copy_from_slice(bytes);
+    key
+}
+
+fn add_key(private_key: Zeroizing<[u8; KEY_LEN]>, unmatched: &str) -> usize {
+    let public_key = crypto::public_key_of(&private_key[..])
+        .unwrap_or_else(|e| raise(ERRCODE_INVALID_PARAMETER_VALUE, e.to_string()));
+    let key_id = store::as_owner(|| {
+        Spi::get_one_with_args::<i32>(
+            "SELECT key_id FROM subject_audit.writer_key WHERE public_key OPERATOR(pg_catalog.=) $1",
+            &[public_key.to_vec().into()],
+        )
+    });
+    let key_id = match key_id {
+        Ok(Some(id)) => id,
+        _ => raise_with_hint(
+            ERRCODE_INVALID_PARAMETER_VALUE,
+            unmatched,
+            "install its public key with subject_audit.install_public_key() first",
+        ),
+    };
+    SESSION.with(|s| {
+        let mut s = s.borrow_mut();
+        if !s.keys.iter().any(|k| k.key_id == key_id) {
+            s.keys.push(UnlockedKey {
+                key_id,
+                private_key,
+            });
+        }
+        s.keys.len()
+    })
+}
+
+/// Wipes every key and every context derived from one.
+pub fn lock() {
+    wipe();
+}
+
+pub(super) fn wipe() {
+    // Zeroizing wipes each key as it is dropped.
+    SESSION.with(|s| *s.borrow_mut() = SessionKeys::default());
+}
+
+/// Parses `subject_audit.session_key` (hex keys, comma-separated, `\x` optional)
+/// into pending keys. Never fails: a malformed value is reported on first use,
+/// because a GUC error would echo the value into the server log.
+pub fn stash_from_setting(value: &str) {
+    let mut pending = Vec::new();
+    let mut malformed = false;
+    for item in value.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        match decode_hex_key(item) {
+            Some(key) => pending.push(key),
+            None => malformed = true,
+        }
+    }
+    SESSION.with(|s| {
+        let mut s = s.borrow_mut();
+        s.pending.extend(pending);
+        s.pending_malformed |= malformed;
+    });
+}
+
+fn decode_hex_key(item: &str) -> Option<Zeroizing<[u8; KEY_LEN]>> {
+    let hex = item.strip_prefix("\\x").unwrap_or(item).as_bytes();
+    if hex.len() != KEY_LEN * 2 {
+        return None;
+    }
+    let mut key = Zeroizing::new([0u8; KEY_LEN]);
+    for (i, pair) in hex.chunks(2).enumerate() {
+        let digit = |c: u8| (c as char).to_digit(16);
+        key[i] = (digit(pair[0])? * 16 + digit(pair[1])?) as u8;
+    }
+    Some(key)
+}
+
+/// Makes sure at least one key is unlocked, first adding any keys given in
+/// `subject_audit.session_key`.
+pub fn ensure_unlocked() {
+    let (pending, malformed) = SESSION.with(|s| {
+        let mut s = s.borrow_mut();
+        (
+            std::mem::take(&mut s.pending),
+            std::mem::take(&mut s.pending_malformed),
+        )
+    });
+    if malformed {
+        raise(
+            ERRCODE_INVALID_PARAMETER_VALUE,
+            "subject_audit.session_key is malformed: expected 64 hex digits per key, comma-separated",
+        );
+    }
+    for key in pending {
+        add_key(
+            key,
+            "subject_audit.session_key holds a key that matches no installed public key",
+        );
+    }
+    if SESSION.with(|s| s.borrow().keys.is_empty()) {
+        raise_with_hint(
+            ERRCODE_INSUFFICIENT_PRIVILEGE,
+            "no key is unlocked in this session",
+            "call subject_audit.unlock(private_key), or connect with -c subject_audit.session_key=<hex>",
+        );
+    }
+}
+
+/// The data key of one subject (or of no subject) within one writer context.
+pub fn reader_data_key(
+    context_id: i64,
+    key_id: i32,
+    encapsulated_key: &[u8],
+    salt: Option<&[u8]>,
+) -> Result<DataKey, KeyNotUnlocked> {
+    let cached = SESSION.with(|s| s.borrow().receivers.get(&context_id).cloned());
+    let receiver = match cached {
+        Some(r) => r,
+        None => {
+            let receiver = SESSION.with(|s| {
+                let s = s.borrow();
+                let key = s
+                    .keys
+                    .iter()
+                    .find(|k| k.key_id == key_id)
+                    .ok_or(KeyNotUnlocked(key_id))?;
+                ReceiverContext::new(&key.private_key[..], encapsulated_key)
+                    .map(Rc::new)
+                    .map_err(|_| KeyNotUnlocked(key_id))
+            })?;
+            SESSION.with(|s| {
+                let mut s = s.borrow_mut();
+                if s.receivers.len() >= MAX_RECEIVERS {
+                    s.receivers.clear();
+                }
+                s.receivers.insert(context_id, receiver.clone());
+            });
+            receiver
+        }
+    };
+    Ok(receiver.data_key(salt))
+}
+
+pub(super) fn on_relation_invalidated(relid: pg_sys::Oid) {
+    // Writer contexts are immutable rows, but DROP/CREATE EXTENSION reuses their ids.
+    if relid == pg_sys::InvalidOid || store::is_cached(relid, |r| r.writer_context) {
+        SESSION.with(|s| s.borrow_mut().receivers.clear());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hex_keys_parse() {
+        let k = decode_hex_key(&"ab".repeat(32)).unwrap();
+        assert_eq!(k[0], 0xab);
+        assert!(decode_hex_key(&format!("\\x{}", "01".repeat(32))).is_some());
+        assert!(decode_hex_key(&"ab".repeat(31)).is_none());
+        assert!(decode_hex_key(&"zz".repeat(32)).is_none());
+    }
+}

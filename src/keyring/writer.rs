@@ -1,0 +1,299 @@
+//! The writer side: one HPKE sender context per backend (its encapsulated key
+//! stored once in `writer_context`), the subject keys this backend has used,
+//! and the keyed subject digester. Writers hold no secret that can decrypt
+//! anything already written: the sender context only exports keys forward.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+
+use pgrx::prelude::*;
+use pgrx::PgSqlErrorCode::*;
+use zeroize::Zeroizing;
+
+use crate::crypto::{self, SenderContext, SubjectDigester, DIGEST_LEN};
+use crate::store::{self, error::raise, error::raise_with_hint};
+
+/// More cached subjects than this and the cache starts over (about 100 bytes each).
+const MAX_SUBJECTS: usize = 200_000;
+
+pub struct WriterContext {
+    pub context_id: i64,
+    pub sender: SenderContext,
+}
+
+#[derive(Clone)]
+pub struct SubjectKey {
+    pub subject_key_id: i64,
+    pub salt: Rc<Zeroizing<[u8; 32]>>,
+}
+
+struct Cached<T> {
+    value: T,
+    /// The subtransaction that created or first read the entry; `None` once
+    /// its transaction committed.
+    since: Option<pg_sys::SubTransactionId>,
+}
+
+#[derive(Default)]
+struct WriterState {
+    context: Option<Cached<Rc<WriterContext>>>,
+    subjects: HashMap<[u8; DIGEST_LEN], Cached<SubjectKey>>,
+    digester: Option<SubjectDigester>,
+    /// OIDs of the tables whose invalidation clears the caches above.
+    watched: Option<(pg_sys::Oid, pg_sys::Oid)>,
+}
+
+thread_local! {
+    static WRITER: RefCell<WriterState> = RefCell::new(WriterState::default());
+}
+
+fn current_subxact() -> Option<pg_sys::SubTransactionId> {
+    Some(unsafe { pg_sys::GetCurrentSubTransactionId() })
+}
+
+fn watch_tables() {
+    let r = store::relations();
+    WRITER.with(|w| w.borrow_mut().watched = Some((r.writer_key, r.subject_key)));
+}
+
+/// This backend's sender context to the active writer key, created (and its
+/// encapsulated key stored) on first use.
+pub fn writer_context() -> Rc<WriterContext> {
+    if let Some(ctx) = WRITER.with(|w| w.borrow().context.as_ref().map(|c| c.value.clone())) {
+        return ctx;
+    }
+    watch_tables();
+    let (key_id, public_key) = store::as_owner(|| {
+        Spi::get_two::<i32, Vec<u8>>(
+            "SELECT key_id, public_key FROM subject_audit.writer_key \
+             WHERE retired_at IS NULL ORDER BY key_id DESC LIMIT 1",
+        )
+    })
+    .ok()
+    .and_then(|(id, pk)| Some((id?, pk?)))
+    .unwrap_or_else(|| {
+        raise_with_hint(
+            ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            "pg_subject_audit has no active writer key",
+            "install one with subject_audit.install_public_key()",
+        )
+    });
+    let sender = SenderContext::new(&public_key)
+        .unwrap_or_else(|e| raise(ERRCODE_DATA_CORRUPTED, format!("writer key {key_id}: {e}")));
+    let context_id = store::as_owner(|| {
+        Spi::get_one_with_args::<i64>(
+            "INSERT INTO subject_audit.writer_context (key_id, encapsulated_key) VALUES ($1, $2) RETURNING context_id",
+            &[key_id.into(), sender.encapsulated_key().to_vec().into()],
+        )
+    });
+    let Ok(Some(context_id)) = context_id else {
+        raise(ERRCODE_INTERNAL_ERROR, "could not store the writer context");
+    };
+    let ctx = Rc::new(WriterContext { context_id, sender });
+    WRITER.with(|w| {
+        let mut w = w.borrow_mut();
+        // Subject keys are derived per context: a new context starts them over.
+        w.subjects.clear();
+        w.context = Some(Cached {
+            value: ctx.clone(),
+            since: current_subxact(),
+        });
+    });
+    ctx
+}
+
+/// The keyed digest of a subject token, as stored in `subject_key`.
+pub fn subject_digest(token: &[u8]) -> [u8; DIGEST_LEN] {
+    if let Some(d) = WRITER.with(|w| w.borrow().digester.clone()) {
+        return d.digest(token);
+    }
+    watch_tables();
+    let secret = store::as_owner(|| {
+        Spi::get_one::<Vec<u8>>("SELECT subject_secret FROM subject_audit.installation")
+    });
+    let Ok(Some(secret)) = secret else {
+        raise(
+            ERRCODE_DATA_CORRUPTED,
+            "subject_audit.installation holds no secret; reinstall pg_subject_audit",
+        );
+    };
+    let secret = Zeroizing::new(secret);
+    let digester = SubjectDigester::new(&secret);
+    let digest = digester.digest(token);
+    WRITER.with(|w| w.borrow_mut().digester = Some(digester));
+    digest
+}
+
+/// The live key of every subject in `digests`, creating keys (random salts)
+/// for subjects seen for the first time. One query for the misses, one
+/// insert for the new ones, whatever the batch size.
+pub fn subject_keys(digests: &[[u8; DIGEST_LEN]]) -> HashMap<[u8; DIGEST_LEN], SubjectKey> {
+    let mut found = HashMap::with_capacity(digests.len());
+    let mut missing = std::collections::HashSet::new();
+    WRITER.with(|w| {
+        let w = w.borrow();
+        for d in digests {
+            match w.subjects.get(d) {
+                Some(c) => {
+                    found.insert(*d, c.value.clone());
+                }
+                None => {
+                    missing.insert(*d);
+                }
+            }
+        }
+    });
+    let missing: Vec<[u8; DIGEST_LEN]> = missing.into_iter().collect();
+    if missing.is_empty() {
+        return found;
+    }
+    watch_tables();
+    let mut loaded = load_subject_keys(&missing);
+    let new: Vec<_> = missing
+        .iter()
+        .filter(|d| !loaded.contains_key(*d))
+        .copied()
+        .collect();
+    if !new.is_empty() {
+        loaded.extend(create_subject_keys(&new));
+    }
+    let since = current_subxact();
+    WRITER.with(|w| {
+        let mut w = w.borrow_mut();
+        if w.subjects.len() + loaded.len() > MAX_SUBJECTS {
+            w.subjects.clear();
+        }
+        for (d, key) in &loaded {
+            w.subjects.insert(
+                *d,
+                Cached {
+                    value: key.clone(),
+                    since,
+                },
+            );
+        }
+    });
+    found.extend(loaded);
+    found
+}
+
+fn collect_keys(table: pgrx::spi::SpiTupleTable<'_>) -> HashMap<[u8; DIGEST_LEN], SubjectKey> {
+    let mut out = HashMap::new();
+    for row in table {
+        let digest: Option<Vec<u8>> = row.get(1).ok().flatten();
+        let id: Option<i64> = row.get(2).ok().flatten();
+        let salt: Option<Vec<u8>> = row.get(3).ok().flatten();
+        if let (Some(digest), Some(id), Some(salt)) = (digest, id, salt) {
+            if let (Ok(digest), Ok(salt)) = (
+                <[u8; DIGEST_LEN]>::try_from(digest),
+                <[u8; 32]>::try_from(salt),
+            ) {
+                out.insert(
+                    digest,
+                    SubjectKey {
+                        subject_key_id: id,
+                        salt: Rc::new(Zeroizing::new(salt)),
+                    },
+                );
+            }
+        }
+    }
+    out
+}
+
+fn load_subject_keys(digests: &[[u8; DIGEST_LEN]]) -> HashMap<[u8; DIGEST_LEN], SubjectKey> {
+    let arg = digests.iter().map(|d| d.to_vec()).collect::<Vec<_>>();
+    store::as_owner(|| {
+        Spi::connect(|client| {
+            client
+                .select(
+                    "SELECT k.subject_digest, k.subject_key_id, k.salt \
+                     FROM pg_catalog.unnest($1::pg_catalog.bytea[]) AS d(digest) \
+                     JOIN subject_audit.subject_key k ON k.subject_digest OPERATOR(pg_catalog.=) d.digest \
+                     WHERE k.erased_at IS NULL",
+                    None,
+                    &[arg.into()],
+                )
+                .map(collect_keys)
+        })
+    })
+    .unwrap_or_else(|e| raise(ERRCODE_INTERNAL_ERROR, format!("could not read subject keys: {e}")))
+}
+
+fn create_subject_keys(digests: &[[u8; DIGEST_LEN]]) -> HashMap<[u8; DIGEST_LEN], SubjectKey> {
+    let mut salts = vec![0u8; 32 * digests.len()];
+    crypto::fill_random(&mut salts)
+        .unwrap_or_else(|e| raise(ERRCODE_INTERNAL_ERROR, e.to_string()));
+    let digest_arg = digests.iter().map(|d| d.to_vec()).collect::<Vec<_>>();
+    let salt_arg = salts.chunks(32).map(<[u8]>::to_vec).collect::<Vec<_>>();
+    salts.iter_mut().for_each(|b| *b = 0);
+    // A concurrent writer may create the same subject first: then its salt wins
+    // and is returned here (DO UPDATE, because DO NOTHING returns no row).
+    store::as_owner(|| {
+        Spi::connect_mut(|client| {
+            client
+                .update(
+                    "INSERT INTO subject_audit.subject_key AS k (subject_digest, salt) \
+                     SELECT d, s FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.bytea[]), pg_catalog.unnest($2::pg_catalog.bytea[])) AS u(d, s) \
+                     ON CONFLICT (subject_digest) WHERE erased_at IS NULL \
+                     DO UPDATE SET subject_digest = excluded.subject_digest \
+                     RETURNING k.subject_digest, k.subject_key_id, k.salt",
+                    None,
+                    &[digest_arg.into(), salt_arg.into()],
+                )
+                .map(collect_keys)
+        })
+    })
+    .unwrap_or_else(|e| raise(ERRCODE_INTERNAL_ERROR, format!("could not create subject keys: {e}")))
+}
+
+pub(super) fn on_commit() {
+    WRITER.with(|w| {
+        let mut w = w.borrow_mut();
+        if let Some(c) = w.context.as_mut() {
+            c.since = None;
+        }
+        w.subjects.values_mut().for_each(|c| c.since = None);
+    });
+}
+
+/// Drops what the aborted (sub)transaction created: subtransaction ids grow
+/// within a transaction, so that is every entry at or after `subid`
+/// (`InvalidSubTransactionId`, 0, for a whole transaction).
+pub(super) fn on_abort(subid: pg_sys::SubTransactionId) {
+    let created_since = |since: Option<pg_sys::SubTransactionId>| since.is_some_and(|s| s >= subid);
+    WRITER.with(|w| {
+        let mut w = w.borrow_mut();
+        if w.context.as_ref().is_some_and(|c| created_since(c.since)) {
+            w.context = None;
+            w.subjects.clear();
+        }
+        w.subjects.retain(|_, c| !created_since(c.since));
+    });
+}
+
+pub(super) fn on_relation_invalidated(relid: pg_sys::Oid) {
+    WRITER.with(|w| {
+        let mut w = w.borrow_mut();
+        let Some((writer_key, subject_key)) = w.watched else {
+            return;
+        };
+        let all = relid == pg_sys::InvalidOid;
+        if all || relid == writer_key {
+            // A key was installed or retired (or the extension dropped): the
+            // next write sets up a new context.
+            w.context = None;
+            w.subjects.clear();
+            w.digester = None;
+        }
+        if all || relid == subject_key {
+            // A subject was erased somewhere: never encrypt under its old salt again.
+            w.subjects.clear();
+        }
+    });
+}
+
+pub(super) fn wipe() {
+    WRITER.with(|w| *w.borrow_mut() = WriterState::default());
+}

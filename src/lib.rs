@@ -1,0 +1,131 @@
+//! pg_subject_audit: an encrypted, per-subject, tamper-evident audit trail.
+//!
+//! The pipeline, top to bottom (imports only point down):
+//! - `sql_api`   — functions SQL calls, thin
+//! - `capture`, `reading` — triggers and diffs; decrypting a subject's trail
+//! - `keyring`, `envelope`, `integrity` — keys in backend memory; payload codec
+//!   and AEAD binding; per-event ledger hashes
+//! - `store`, `crypto` — the extension's tables and running as their owner;
+//!   pure cryptography
+
+use std::ffi::{c_char, c_void, CStr, CString};
+
+use pgrx::prelude::*;
+use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting};
+
+mod capture;
+mod crypto;
+mod envelope;
+mod integrity;
+mod keyring;
+mod reading;
+mod sql_api;
+mod store;
+
+::pgrx::pg_module_magic!(name, version);
+
+extension_sql_file!("../sql/bootstrap.sql", name = "bootstrap", bootstrap);
+extension_sql_file!("../sql/finalize.sql", name = "finalize", finalize);
+
+static ACTOR: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+static REASON: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+/// Owned by the GUC machinery; only ever holds the mask, never a key.
+static mut SESSION_KEY: *mut c_char = std::ptr::null_mut();
+
+/// What `subject_audit.session_key` holds once its keys were taken.
+const SESSION_KEY_MASK: &CStr = c"(hidden)";
+
+#[pg_guard]
+pub extern "C-unwind" fn _PG_init() {
+    // Errors reach clients: never let a Rust backtrace ride along in DETAIL.
+    // Safe here: _PG_init runs before this process starts any thread.
+    unsafe { std::env::set_var("RUST_LIB_BACKTRACE", "0") };
+    GucRegistry::define_string_guc(
+        c"subject_audit.actor",
+        c"Who acts, in the application's terms; recorded on every event.",
+        c"Set per transaction with SET LOCAL. Empty means the database role.",
+        &ACTOR,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"subject_audit.reason",
+        c"Why, e.g. a purpose or ticket; encrypted into every event's description.",
+        c"Set per transaction with SET LOCAL.",
+        &REASON,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
+    unsafe {
+        pg_sys::DefineCustomStringVariable(
+            c"subject_audit.session_key".as_ptr(),
+            c"Private keys (hex, comma-separated) that unlock this session, e.g. from PGOPTIONS.".as_ptr(),
+            c"The keys are taken into the session keyring at once; the setting then reads as (hidden).".as_ptr(),
+            &raw mut SESSION_KEY,
+            c"".as_ptr(),
+            pg_sys::GucContext::PGC_USERSET,
+            (pg_sys::GUC_NO_SHOW_ALL | pg_sys::GUC_NOT_IN_SAMPLE | pg_sys::GUC_SUPERUSER_ONLY) as i32,
+            Some(check_session_key),
+            None,
+            Some(show_session_key),
+        );
+        pg_sys::MarkGUCPrefixReserved(c"subject_audit".as_ptr());
+    }
+    // Registration order matters: these relcache callbacks consult the
+    // relation OIDs that `store` forgets in its own callback, registered last.
+    keyring::init();
+    capture::init();
+    store::init();
+}
+
+/// Takes the keys out of the new value and replaces it with the mask, so the
+/// key is kept neither in the GUC table nor anywhere SHOW could reach. Never
+/// fails: a failing check would print the value in the error and the log.
+#[pg_guard]
+unsafe extern "C-unwind" fn check_session_key(
+    newval: *mut *mut c_char,
+    _extra: *mut *mut c_void,
+    _source: pg_sys::GucSource::Type,
+) -> bool {
+    if newval.is_null() || (*newval).is_null() {
+        return true;
+    }
+    let raw = CStr::from_ptr(*newval);
+    if raw.is_empty() || raw == SESSION_KEY_MASK {
+        return true;
+    }
+    keyring::stash_from_setting(&raw.to_string_lossy());
+    let mask = libc::strdup(SESSION_KEY_MASK.as_ptr());
+    if mask.is_null() {
+        return false;
+    }
+    let old = *newval;
+    let len = libc::strlen(old);
+    std::ptr::write_bytes(old, 0, len);
+    libc::free(old.cast());
+    *newval = mask;
+    true
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn show_session_key() -> *const c_char {
+    if SESSION_KEY.is_null() || *SESSION_KEY == 0 {
+        c"".as_ptr()
+    } else {
+        SESSION_KEY_MASK.as_ptr()
+    }
+}
+
+#[cfg(any(test, feature = "pg_test"))]
+mod pg_tests;
+
+/// Required by `cargo pgrx test`.
+#[cfg(test)]
+pub mod pg_test {
+    pub fn setup(_options: Vec<&str>) {}
+
+    #[must_use]
+    pub fn postgresql_conf_options() -> Vec<&'static str> {
+        vec![]
+    }
+}

@@ -1,0 +1,164 @@
+//! Reading a subject's trail: find its events by keyed digest, decrypt each
+//! under the session's keys, and shape it for SQL. Only this subject's rows
+//! are fetched and decrypted.
+
+use pgrx::prelude::*;
+use pgrx::PgSqlErrorCode::*;
+use serde_json::{Map, Value as Json};
+
+use crate::envelope::{self, Payload, Value};
+use crate::keyring::{self, KeyNotUnlocked};
+use crate::store::{self, error::raise, error::raise_with_hint};
+
+pub struct DecryptedEvent {
+    pub event_id: i64,
+    pub at: TimestampWithTimeZone,
+    pub operation: String,
+    pub title: String,
+    pub status: String,
+    pub actor: String,
+    pub table_name: Option<String>,
+    pub changed_columns: Vec<String>,
+    /// `None` once the subject was erased.
+    pub payload: Option<Payload>,
+}
+
+impl DecryptedEvent {
+    /// A sentence: `changed email, phone — ticket #4711`.
+    pub fn description(&self) -> String {
+        let what = match self.operation.as_str() {
+            "INSERT" => format!("created {}", self.changed_columns.join(", ")),
+            "UPDATE" => format!("changed {}", self.changed_columns.join(", ")),
+            "DELETE" => format!("deleted {}", self.changed_columns.join(", ")),
+            other => other.to_lowercase(),
+        };
+        match self.payload.as_ref().and_then(|p| p.reason.as_deref()) {
+            Some(reason) => format!("{what} — {reason}"),
+            None => what,
+        }
+    }
+
+    /// The row before and after as JSON objects (only the recorded columns).
+    pub fn images(&self) -> (Option<Json>, Option<Json>) {
+        let Some(payload) = &self.payload else {
+            return (None, None);
+        };
+        let mut before = Map::new();
+        let mut after = Map::new();
+        for (name, column) in self.changed_columns.iter().zip(&payload.columns) {
+            for (image, value) in [(&mut before, &column.before), (&mut after, &column.after)] {
+                if let Some(v) = json_value(value, column.json) {
+                    image.insert(name.clone(), v);
+                }
+            }
+        }
+        let object = |m: Map<String, Json>| (!m.is_empty()).then_some(Json::Object(m));
+        match self.operation.as_str() {
+            "INSERT" => (None, object(after)),
+            "DELETE" => (object(before), None),
+            _ => (Some(Json::Object(before)), Some(Json::Object(after))),
+        }
+    }
+}
+
+fn json_value(value: &Value<String>, json: bool) -> Option<Json> {
+    match value {
+        Value::Absent => None,
+        Value::Null => Some(Json::Null),
+        Value::Text(t) if json => {
+            Some(serde_json::from_str(t).unwrap_or_else(|_| Json::String(t.clone())))
+        }
+        Value::Text(t) => Some(Json::String(t.clone())),
+    }
+}
+
+/// Every event of the subject `token`, oldest first (or just `only_event`).
+pub fn subject_events(token: &str, only_event: Option<i64>) -> Vec<DecryptedEvent> {
+    keyring::ensure_unlocked();
+    let digest = keyring::subject_digest(token.as_bytes());
+    let query = "SELECT e.event_id, e.at, e.operation, \
+                 coalesce(e.title, pg_catalog.lower(e.operation) OPERATOR(pg_catalog.||) ' ' OPERATOR(pg_catalog.||) e.table_name), \
+                 e.status, e.actor, e.table_name, e.changed_columns, e.subject_key_id, e.context_id, \
+                 e.nonce, e.payload, k.salt, c.key_id, c.encapsulated_key \
+                 FROM subject_audit.subject_key k \
+                 JOIN subject_audit.event e ON e.subject_key_id OPERATOR(pg_catalog.=) k.subject_key_id \
+                 LEFT JOIN subject_audit.writer_context c ON c.context_id OPERATOR(pg_catalog.=) e.context_id \
+                 WHERE k.subject_digest OPERATOR(pg_catalog.=) $1 \
+                 AND ($2 IS NULL OR e.event_id OPERATOR(pg_catalog.=) $2) \
+                 ORDER BY e.event_id";
+    store::as_owner(|| {
+        Spi::connect(|client| {
+            let rows = client.select(query, None, &[digest.to_vec().into(), only_event.into()])?;
+            let mut events = Vec::with_capacity(rows.len());
+            for row in rows {
+                let event_id: i64 = row.get(1)?.unwrap_or_default();
+                let salt: Option<Vec<u8>> = row.get(13)?;
+                let payload = match salt {
+                    None => None,
+                    Some(salt) => Some(decrypt(
+                        event_id,
+                        row.get(9)?,
+                        row.get(10)?,
+                        row.get(14)?,
+                        row.get::<Vec<u8>>(15)?.unwrap_or_default(),
+                        &salt,
+                        row.get::<Vec<u8>>(11)?.unwrap_or_default(),
+                        row.get::<Vec<u8>>(12)?.unwrap_or_default(),
+                    )),
+                };
+                events.push(DecryptedEvent {
+                    event_id,
+                    at: row.get(2)?.expect("event.at is NOT NULL"),
+                    operation: row.get(3)?.unwrap_or_default(),
+                    title: row.get(4)?.unwrap_or_default(),
+                    status: row.get(5)?.unwrap_or_default(),
+                    actor: row.get(6)?.unwrap_or_default(),
+                    table_name: row.get(7)?,
+                    changed_columns: row.get(8)?.unwrap_or_default(),
+                    payload,
+                });
+            }
+            Ok::<_, pgrx::spi::SpiError>(events)
+        })
+    })
+    .unwrap_or_else(|e| {
+        raise(
+            ERRCODE_INTERNAL_ERROR,
+            format!("could not read the audit trail: {e}"),
+        )
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn decrypt(
+    event_id: i64,
+    subject_key_id: Option<i64>,
+    context_id: Option<i64>,
+    key_id: Option<i32>,
+    encapsulated_key: Vec<u8>,
+    salt: &[u8],
+    nonce: Vec<u8>,
+    ciphertext: Vec<u8>,
+) -> Payload {
+    let (Some(context_id), Some(key_id)) = (context_id, key_id) else {
+        raise(
+            ERRCODE_DATA_CORRUPTED,
+            format!("event {event_id} names no writer context"),
+        );
+    };
+    let key = keyring::reader_data_key(context_id, key_id, &encapsulated_key, Some(salt)).unwrap_or_else(
+        |KeyNotUnlocked(key_id)| {
+            raise_with_hint(
+                ERRCODE_INSUFFICIENT_PRIVILEGE,
+                format!("event {event_id} is encrypted under key {key_id}, which this session has not unlocked"),
+                "unlock that key's private key too: subject_audit.unlock() accepts several keys",
+            )
+        },
+    );
+    envelope::open_event(&key, &nonce, event_id, subject_key_id, context_id, &ciphertext).unwrap_or_else(|_| {
+        raise(
+            ERRCODE_DATA_CORRUPTED,
+            format!("event {event_id} failed authentication: its ciphertext does not belong to this event and subject"),
+        )
+    })
+}

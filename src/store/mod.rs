@@ -1,0 +1,140 @@
+//! The extension's own tables as seen from Rust: their OIDs (looked up once
+//! per backend, never through search_path), the role that owns them, and
+//! running work with that role's rights so that writers and readers need no
+//! grants on the audit schema.
+
+pub mod error;
+
+use pgrx::pg_sys;
+use pgrx::pg_sys::Oid;
+use std::cell::Cell;
+
+pub const SCHEMA: &std::ffi::CStr = c"subject_audit";
+
+#[derive(Clone, Copy, Debug)]
+pub struct Relations {
+    pub event: Oid,
+    pub event_id_seq: Oid,
+    pub subject_key: Oid,
+    pub writer_key: Oid,
+    pub writer_context: Oid,
+    pub tracked_table: Oid,
+    /// Owner of the audit schema: the role the extension's own work runs as.
+    pub owner: Oid,
+}
+
+thread_local! {
+    static RELATIONS: Cell<Option<Relations>> = const { Cell::new(None) };
+}
+
+/// The audit schema's relations, resolved by name inside the schema only.
+pub fn relations() -> Relations {
+    if let Some(r) = RELATIONS.with(Cell::get) {
+        return r;
+    }
+    let r = unsafe { lookup_relations() };
+    RELATIONS.with(|c| c.set(Some(r)));
+    r
+}
+
+unsafe fn lookup_relations() -> Relations {
+    let schema = pg_sys::get_namespace_oid(SCHEMA.as_ptr(), true);
+    if schema == pg_sys::InvalidOid {
+        error::raise(
+            pgrx::PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
+            "extension pg_subject_audit is not installed in this database",
+        );
+    }
+    let rel = |name: &std::ffi::CStr| {
+        let oid = pg_sys::get_relname_relid(name.as_ptr(), schema);
+        if oid == pg_sys::InvalidOid {
+            error::raise(
+                pgrx::PgSqlErrorCode::ERRCODE_UNDEFINED_TABLE,
+                format!(
+                    "relation subject_audit.{} is missing; reinstall pg_subject_audit",
+                    name.to_string_lossy()
+                ),
+            );
+        }
+        oid
+    };
+    let event = rel(c"event");
+    let relation = pg_sys::RelationIdGetRelation(event);
+    let owner = (*(*relation).rd_rel).relowner;
+    pg_sys::RelationClose(relation);
+    Relations {
+        event,
+        event_id_seq: rel(c"event_event_id_seq"),
+        subject_key: rel(c"subject_key"),
+        writer_key: rel(c"writer_key"),
+        writer_context: rel(c"writer_context"),
+        tracked_table: rel(c"tracked_table"),
+        owner,
+    }
+}
+
+/// Whether `relid` is one of ours, by the OIDs cached in this backend.
+pub fn is_cached(relid: Oid, pick: impl Fn(&Relations) -> Oid) -> bool {
+    RELATIONS.with(Cell::get).is_some_and(|r| pick(&r) == relid)
+}
+
+/// Relcache invalidation: a change to one of our relations (or a reset of
+/// everything) may mean DROP/CREATE EXTENSION, so look the OIDs up again.
+pub fn forget_relation(relid: Oid) {
+    let Some(r) = RELATIONS.with(Cell::get) else {
+        return;
+    };
+    let ours = [
+        r.event,
+        r.event_id_seq,
+        r.subject_key,
+        r.writer_key,
+        r.writer_context,
+        r.tracked_table,
+    ];
+    if relid == pg_sys::InvalidOid || ours.contains(&relid) {
+        RELATIONS.with(|c| c.set(None));
+    }
+}
+
+/// Runs `f` as the owner of the audit schema, in a security-restricted
+/// operation, and switches back. On error PostgreSQL's (sub)transaction abort
+/// restores the previous user itself.
+pub fn as_owner<R>(f: impl FnOnce() -> R) -> R {
+    let owner = relations().owner;
+    let mut saved_user = pg_sys::InvalidOid;
+    let mut saved_context = 0;
+    unsafe {
+        pg_sys::GetUserIdAndSecContext(&mut saved_user, &mut saved_context);
+        pg_sys::SetUserIdAndSecContext(
+            owner,
+            saved_context
+                | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32
+                | pg_sys::SECURITY_RESTRICTED_OPERATION as i32,
+        );
+    }
+    let result = f();
+    unsafe { pg_sys::SetUserIdAndSecContext(saved_user, saved_context) };
+    result
+}
+
+/// Asks every backend (this one included) to drop what it cached about
+/// `relid`; sent at commit, dropped on rollback.
+pub fn invalidate(relid: Oid) {
+    unsafe { pg_sys::CacheInvalidateRelcacheByRelid(relid) };
+}
+
+/// Registers the relcache callback that drops stale OIDs. Called from `_PG_init`.
+pub fn init() {
+    unsafe {
+        pg_sys::CacheRegisterRelcacheCallback(
+            Some(on_relcache_invalidation),
+            pg_sys::Datum::from(0),
+        );
+    }
+}
+
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn on_relcache_invalidation(_arg: pg_sys::Datum, relid: Oid) {
+    forget_relation(relid);
+}
