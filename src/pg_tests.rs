@@ -1,5 +1,183 @@
 //! `#[pg_test]`s: behaviour that needs a backend but not COMMIT, several
-//! sessions or restarts (those live in `pg_test/`).
+//! sessions or restarts (those live in `pg_test/`). Each runs in a
+//! transaction that is rolled back.
 
 #[pgrx::pg_schema]
-mod tests {}
+mod tests {
+    use pgrx::prelude::*;
+
+    /// Installs a fresh key pair, unlocks it, and returns nothing: the
+    /// private key never leaves the backend.
+    fn install_and_unlock() {
+        Spi::run(
+            "SELECT subject_audit.install_public_key(public_key), subject_audit.unlock(private_key)
+             FROM subject_audit.generate_keypair()",
+        )
+        .unwrap();
+    }
+
+    fn one<T: FromDatum + IntoDatum>(sql: &str) -> T {
+        Spi::get_one::<T>(sql).unwrap().unwrap()
+    }
+
+    #[pg_test]
+    fn values_of_every_type_round_trip_as_text() {
+        install_and_unlock();
+        Spi::run(
+            "CREATE TYPE mood AS ENUM ('calm', 'busy');
+             CREATE DOMAIN positive AS int CHECK (VALUE > 0);
+             CREATE TABLE typed (id int PRIMARY KEY, who text, n numeric, ts timestamptz, b bytea,
+                                 arr int[], j jsonb, js json, m mood, p positive, c point, flag bool,
+                                 big text, nothing text);
+             SELECT subject_audit.track('typed', 'who');
+             SET LOCAL timezone = 'UTC';
+             INSERT INTO typed VALUES (1, 'w', 1.50, '2024-01-02 03:04:05+00', '\\xdeadbeef',
+                                       '{1,2}', '{\"k\": [1, true]}', '{\"a\":1}', 'busy', 7, '(1,2)', true,
+                                       repeat('x', 1000000), NULL);",
+        )
+        .unwrap();
+        let after: pgrx::JsonB = one("SELECT after FROM subject_audit.audit_for_subject('w')");
+        let a = after.0;
+        assert_eq!(a["n"], "1.50");
+        assert_eq!(a["ts"], "2024-01-02 03:04:05+00");
+        assert_eq!(a["b"], "\\xdeadbeef");
+        assert_eq!(a["arr"], "{1,2}");
+        assert_eq!(a["j"], serde_json::json!({"k": [1, true]}));
+        assert_eq!(a["js"], serde_json::json!({"a": 1}));
+        assert_eq!(a["m"], "busy");
+        assert_eq!(a["p"], "7");
+        assert_eq!(a["c"], "(1,2)");
+        assert_eq!(a["flag"], "t");
+        assert_eq!(a["big"].as_str().unwrap().len(), 1_000_000);
+        assert_eq!(a["nothing"], serde_json::Value::Null);
+    }
+
+    #[pg_test]
+    fn update_records_only_changed_columns_and_nothing_when_nothing_changed() {
+        install_and_unlock();
+        Spi::run(
+            "CREATE TABLE t (id int PRIMARY KEY, who text, a text, b text, secret text);
+             SELECT subject_audit.track('t', 'who', '{secret}');
+             INSERT INTO t VALUES (1, 'w', 'a', 'b', 's');
+             UPDATE t SET a = 'a2', b = b WHERE id = 1;
+             UPDATE t SET secret = 's2', a = a WHERE id = 1;
+             UPDATE t SET a = NULL WHERE id = 1;",
+        )
+        .unwrap();
+        assert_eq!(one::<i64>("SELECT count(*) FROM subject_audit.event"), 3);
+        let changed: Vec<String> = one(
+            "SELECT changed_columns FROM subject_audit.event ORDER BY event_id OFFSET 1 LIMIT 1",
+        );
+        assert_eq!(changed, vec!["a"]);
+        let last: pgrx::JsonB = one(
+            "SELECT after FROM subject_audit.audit_for_subject('w') ORDER BY event_id DESC LIMIT 1",
+        );
+        assert_eq!(last.0, serde_json::json!({"a": null}));
+        // The excluded column appears nowhere, not even as a name.
+        assert_eq!(
+            one::<i64>(
+                "SELECT count(*) FROM subject_audit.event WHERE 'secret' = ANY (changed_columns)"
+            ),
+            0
+        );
+    }
+
+    #[pg_test]
+    fn table_names_are_kept_as_text_across_renames_and_drops() {
+        install_and_unlock();
+        Spi::run(
+            "CREATE TABLE old_name (id int PRIMARY KEY, who text);
+             SELECT subject_audit.track('old_name', 'who');
+             INSERT INTO old_name VALUES (1, 'w');
+             ALTER TABLE old_name RENAME TO new_name;
+             UPDATE new_name SET id = 2;",
+        )
+        .unwrap();
+        let names: Vec<String> =
+            one("SELECT array_agg(table_name ORDER BY event_id) FROM subject_audit.audit_for_subject('w')");
+        assert_eq!(names, vec!["public.old_name", "public.new_name"]);
+        Spi::run("SELECT subject_audit.untrack('new_name'); DROP TABLE new_name;").unwrap();
+        assert_eq!(
+            one::<i64>("SELECT count(*) FROM subject_audit.audit_for_subject('w')"),
+            2
+        );
+    }
+
+    #[pg_test]
+    fn subject_change_reaches_both_subjects_and_null_subjects_are_recorded() {
+        install_and_unlock();
+        Spi::run(
+            "CREATE TABLE t (id int PRIMARY KEY, who text);
+             SELECT subject_audit.track('t', 'who');
+             INSERT INTO t VALUES (1, 'old'), (2, NULL);
+             UPDATE t SET who = 'new' WHERE id = 1;",
+        )
+        .unwrap();
+        assert_eq!(
+            one::<i64>("SELECT count(*) FROM subject_audit.audit_for_subject('old')"),
+            2
+        );
+        assert_eq!(
+            one::<i64>("SELECT count(*) FROM subject_audit.audit_for_subject('new')"),
+            1
+        );
+        assert_eq!(
+            one::<i64>("SELECT count(*) FROM subject_audit.event WHERE subject_key_id IS NULL"),
+            1
+        );
+    }
+
+    #[pg_test(error = "invalid public key: not a usable X25519 public key")]
+    fn low_order_public_key_is_refused() {
+        Spi::run("SELECT subject_audit.install_public_key(decode(repeat('00', 32), 'hex'))")
+            .unwrap();
+    }
+
+    #[pg_test(error = "invalid public key: a key must be 32 bytes, got 3")]
+    fn short_public_key_is_refused() {
+        Spi::run("SELECT subject_audit.install_public_key('\\x010203')").unwrap();
+    }
+
+    #[pg_test(
+        error = "install a public key with subject_audit.install_public_key() before tracking tables"
+    )]
+    fn tracking_needs_a_key() {
+        Spi::run("CREATE TABLE t (id int, who text); SELECT subject_audit.track('t', 'who')")
+            .unwrap();
+    }
+
+    #[pg_test(error = "public.v is not a table: only tables can be tracked")]
+    fn views_cannot_be_tracked() {
+        Spi::run("CREATE VIEW v AS SELECT 1 AS who; SELECT subject_audit.track('v', 'who')")
+            .unwrap();
+    }
+
+    #[pg_test(error = "the subject column \"who\" cannot be excluded")]
+    fn subject_column_cannot_be_excluded() {
+        install_and_unlock();
+        Spi::run(
+            "CREATE TABLE t (id int, who text); SELECT subject_audit.track('t', 'who', '{who}')",
+        )
+        .unwrap();
+    }
+
+    #[pg_test(error = "column \"nope\" of public.t does not exist")]
+    fn excluded_columns_must_exist() {
+        install_and_unlock();
+        Spi::run(
+            "CREATE TABLE t (id int, who text); SELECT subject_audit.track('t', 'who', '{nope}')",
+        )
+        .unwrap();
+    }
+
+    #[pg_test(error = "this public key is already installed as key 1")]
+    fn a_key_is_installed_once() {
+        Spi::run(
+            "ALTER TABLE subject_audit.writer_key ALTER COLUMN key_id RESTART;
+             CREATE TEMP TABLE k AS SELECT public_key FROM subject_audit.generate_keypair();
+             SELECT subject_audit.install_public_key(public_key) FROM k;
+             SELECT subject_audit.install_public_key(public_key) FROM k;",
+        )
+        .unwrap();
+    }
+}

@@ -4,7 +4,7 @@
 use aes_gcm::aead::{Aead as _, KeyInit, Payload};
 use aes_gcm::{Aes256Gcm, Nonce};
 
-use super::{fill_random, CryptoError};
+use super::CryptoError;
 
 pub const NONCE_LEN: usize = 12;
 
@@ -26,7 +26,7 @@ impl DataKey {
         plaintext: &[u8],
     ) -> Result<([u8; NONCE_LEN], Vec<u8>), CryptoError> {
         let mut nonce = [0u8; NONCE_LEN];
-        fill_random(&mut nonce)?;
+        super::fill_random(&mut nonce)?;
         self.seal_with_nonce(&nonce, aad, plaintext)
     }
 

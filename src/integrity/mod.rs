@@ -112,7 +112,8 @@ mod tests {
     #[test]
     fn every_field_changes_the_hash() {
         let h = row_hash(&base());
-        let variants: Vec<Box<dyn Fn(&mut EventFields<'static>)>> = vec![
+        type Change = Box<dyn Fn(&mut EventFields<'static>)>;
+        let variants: Vec<Change> = vec![
             Box::new(|f| f.event_id = 2),
             Box::new(|f| f.at = 1),
             Box::new(|f| f.txid = 701),

@@ -1,0 +1,37 @@
+-- Caches never outlive the truth: a backend's first audited write rolls back
+-- (taking its writer context and the new subject's key with it); the next
+-- write commits and must decrypt.
+CREATE EXTENSION pg_subject_audit;
+SELECT public_key AS pk, private_key AS sk FROM subject_audit.generate_keypair() \gset
+SELECT subject_audit.install_public_key(:'pk');
+CREATE TABLE accounts (id int PRIMARY KEY, owner text, balance numeric);
+SELECT subject_audit.track('accounts', 'owner');
+
+\c
+BEGIN;
+INSERT INTO accounts VALUES (1, 'rita', 10);
+ROLLBACK;
+INSERT INTO accounts VALUES (1, 'rita', 20);
+SELECT count(*) AS writer_contexts FROM subject_audit.writer_context;
+
+-- The same within savepoints: the rolled-back savepoint created the context.
+\c
+BEGIN;
+SAVEPOINT a;
+INSERT INTO accounts VALUES (2, 'sam', 1);
+ROLLBACK TO SAVEPOINT a;
+INSERT INTO accounts VALUES (2, 'sam', 2);
+COMMIT;
+-- A savepoint that rolls back after the subject key was created in an outer one keeps it.
+BEGIN;
+INSERT INTO accounts VALUES (3, 'tia', 3);
+SAVEPOINT b;
+UPDATE accounts SET balance = 4 WHERE id = 3;
+ROLLBACK TO SAVEPOINT b;
+UPDATE accounts SET balance = 5 WHERE id = 3;
+COMMIT;
+
+SELECT subject_audit.unlock(:'sk');
+SELECT owner, operation, after
+FROM (VALUES ('rita'), ('sam'), ('tia')) AS o(owner), subject_audit.audit_for_subject(owner)
+ORDER BY event_id;
