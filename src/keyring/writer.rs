@@ -8,6 +8,7 @@ use std::collections::HashMap;
 use std::rc::Rc;
 
 use pgrx::prelude::*;
+use pgrx::{PgBuiltInOids, PgOid};
 use pgrx::PgSqlErrorCode::*;
 use zeroize::Zeroizing;
 
@@ -202,50 +203,57 @@ fn collect_keys(table: pgrx::spi::SpiTupleTable<'_>) -> HashMap<[u8; DIGEST_LEN]
     out
 }
 
-fn load_subject_keys(digests: &[[u8; DIGEST_LEN]]) -> HashMap<[u8; DIGEST_LEN], SubjectKey> {
-    let arg = digests.iter().map(|d| d.to_vec()).collect::<Vec<_>>();
+const LOAD_SUBJECT_KEYS: &str = "SELECT k.subject_digest, k.subject_key_id, k.salt \
+     FROM subject_audit.subject_key k \
+     WHERE k.subject_digest OPERATOR(pg_catalog.=) ANY ($1) AND k.erased_at IS NULL";
+
+const CREATE_SUBJECT_KEYS: &str = "INSERT INTO subject_audit.subject_key AS k (subject_digest, salt) \
+     SELECT d, s FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.bytea[]), pg_catalog.unnest($2::pg_catalog.bytea[])) AS u(d, s) \
+     ON CONFLICT (subject_digest) WHERE erased_at IS NULL \
+     DO UPDATE SET subject_digest = excluded.subject_digest \
+     RETURNING k.subject_digest, k.subject_key_id, k.salt";
+
+/// Up to this many subjects a statement uses a plan prepared once per
+/// backend (index probes); beyond it, a plan made for the actual batch (for
+/// thousands of subjects the planner picks a hashed scan instead).
+const PREPARED_BATCH: usize = 32;
+
+/// Runs `query` (as the extension owner) with bytea-array arguments and
+/// collects the subject keys it returns.
+fn run_subject_key_query(
+    query: &'static str,
+    args: Vec<Vec<Vec<u8>>>,
+    batch: usize,
+) -> HashMap<[u8; DIGEST_LEN], SubjectKey> {
     store::as_owner(|| {
-        Spi::connect(|client| {
-            client
-                .select(
-                    "SELECT k.subject_digest, k.subject_key_id, k.salt \
-                     FROM pg_catalog.unnest($1::pg_catalog.bytea[]) AS d(digest) \
-                     JOIN subject_audit.subject_key k ON k.subject_digest OPERATOR(pg_catalog.=) d.digest \
-                     WHERE k.erased_at IS NULL",
-                    None,
-                    &[arg.into()],
-                )
-                .map(collect_keys)
+        Spi::connect_mut(|client| {
+            let args: Vec<pgrx::datum::DatumWithOid> = args.into_iter().map(Into::into).collect();
+            let table = if batch <= PREPARED_BATCH {
+                let types = vec![PgOid::BuiltIn(PgBuiltInOids::BYTEAARRAYOID); args.len()];
+                let plan = store::prepared(client, query, &types);
+                client.update(&*plan, None, &args)
+            } else {
+                client.update(query, None, &args)
+            };
+            table.map(collect_keys)
         })
     })
-    .unwrap_or_else(|e| raise(ERRCODE_INTERNAL_ERROR, format!("could not read subject keys: {e}")))
+    .unwrap_or_else(|e| raise(ERRCODE_INTERNAL_ERROR, format!("could not read or create subject keys: {e}")))
+}
+
+fn load_subject_keys(digests: &[[u8; DIGEST_LEN]]) -> HashMap<[u8; DIGEST_LEN], SubjectKey> {
+    let arg = digests.iter().map(|d| d.to_vec()).collect::<Vec<_>>();
+    run_subject_key_query(LOAD_SUBJECT_KEYS, vec![arg], digests.len())
 }
 
 fn create_subject_keys(digests: &[[u8; DIGEST_LEN]]) -> HashMap<[u8; DIGEST_LEN], SubjectKey> {
-    let mut salts = vec![0u8; 32 * digests.len()];
-    crypto::fill_random(&mut salts)
-        .unwrap_or_else(|e| raise(ERRCODE_INTERNAL_ERROR, e.to_string()));
+    let mut salts = Zeroizing::new(vec![0u8; 32 * digests.len()]);
+    crypto::fill_random(&mut salts).unwrap_or_else(|e| raise(ERRCODE_INTERNAL_ERROR, e.to_string()));
     let digest_arg = digests.iter().map(|d| d.to_vec()).collect::<Vec<_>>();
     let salt_arg = salts.chunks(32).map(<[u8]>::to_vec).collect::<Vec<_>>();
-    salts.iter_mut().for_each(|b| *b = 0);
-    // A concurrent writer may create the same subject first: then its salt wins
-    // and is returned here (DO UPDATE, because DO NOTHING returns no row).
-    store::as_owner(|| {
-        Spi::connect_mut(|client| {
-            client
-                .update(
-                    "INSERT INTO subject_audit.subject_key AS k (subject_digest, salt) \
-                     SELECT d, s FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.bytea[]), pg_catalog.unnest($2::pg_catalog.bytea[])) AS u(d, s) \
-                     ON CONFLICT (subject_digest) WHERE erased_at IS NULL \
-                     DO UPDATE SET subject_digest = excluded.subject_digest \
-                     RETURNING k.subject_digest, k.subject_key_id, k.salt",
-                    None,
-                    &[digest_arg.into(), salt_arg.into()],
-                )
-                .map(collect_keys)
-        })
-    })
-    .unwrap_or_else(|e| raise(ERRCODE_INTERNAL_ERROR, format!("could not create subject keys: {e}")))
+    // A concurrent writer may create the same subject first: then its salt
+    // wins and is returned here (DO UPDATE, because DO NOTHING returns no row).
+    run_subject_key_query(CREATE_SUBJECT_KEYS, vec![digest_arg, salt_arg], digests.len())
 }
 
 pub(super) fn on_commit() {

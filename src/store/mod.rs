@@ -7,7 +7,11 @@ pub mod error;
 
 use pgrx::pg_sys;
 use pgrx::pg_sys::Oid;
-use std::cell::Cell;
+use pgrx::spi::{OwnedPreparedStatement, SpiClient};
+use pgrx::PgOid;
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::rc::Rc;
 
 pub const SCHEMA: &std::ffi::CStr = c"subject_audit";
 
@@ -25,6 +29,23 @@ pub struct Relations {
 
 thread_local! {
     static RELATIONS: Cell<Option<Relations>> = const { Cell::new(None) };
+    static PLANS: RefCell<HashMap<&'static str, Rc<OwnedPreparedStatement>>> = RefCell::new(HashMap::new());
+}
+
+/// A statement prepared once per backend and kept: the plan cache replans it
+/// by itself when a table it uses changes. Every name in `query` must be
+/// schema-qualified (operators too), so search_path cannot divert it.
+pub fn prepared(client: &SpiClient<'_>, query: &'static str, arg_types: &[PgOid]) -> Rc<OwnedPreparedStatement> {
+    if let Some(plan) = PLANS.with(|p| p.borrow().get(query).cloned()) {
+        return plan;
+    }
+    let plan = client
+        .prepare_mut(query, arg_types)
+        .unwrap_or_else(|e| error::raise(pgrx::PgSqlErrorCode::ERRCODE_INTERNAL_ERROR, format!("could not prepare: {e}")))
+        .keep();
+    let plan = Rc::new(plan);
+    PLANS.with(|p| p.borrow_mut().insert(query, plan.clone()));
+    plan
 }
 
 /// The audit schema's relations, resolved by name inside the schema only.
