@@ -50,6 +50,12 @@ restart_cluster() {
     runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$1/data" -l "$1/server.log" -w restart >/dev/null
 }
 
+# Immediate shutdown (as after a crash: no checkpoint), then start with recovery.
+crash_cluster() {
+    runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$1/data" -m immediate -w stop >/dev/null
+    runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$1/data" -l "$1/server.log" -w start >/dev/null
+}
+
 stop_cluster() {
     [ -d "$1/data" ] && runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$1/data" -m fast -w stop >/dev/null 2>&1 || true
 }

@@ -57,7 +57,7 @@ CREATE SEQUENCE subject_audit.event_event_id_seq AS bigint;
 CREATE TABLE subject_audit.event (
     event_id bigint PRIMARY KEY DEFAULT nextval('subject_audit.event_event_id_seq'),
     at timestamptz NOT NULL,
-    txid xid8 NOT NULL,
+    txid bigint NOT NULL,           -- top-level transaction id (epoch-extended)
     operation text NOT NULL,
     status text NOT NULL,
     sqlstate text,
@@ -79,6 +79,42 @@ ALTER SEQUENCE subject_audit.event_event_id_seq OWNED BY subject_audit.event.eve
 -- Deduplication off: a bulk UPDATE adds one entry to thousands of posting
 -- lists, and rewriting them cost a fifth of the capture time (bench/).
 CREATE INDEX event_subject ON subject_audit.event (subject_key_id) WITH (deduplicate_items = off);
+
+-- Sealing reads events by transaction id range; events arrive in roughly that
+-- order, so a BRIN index is enough and costs writers almost nothing.
+CREATE INDEX event_txid ON subject_audit.event USING brin (txid) WITH (pages_per_range = 32);
+
+-- The ledger: block n covers every event with from_txid <= txid < to_txid,
+-- where to_txid was the sealing snapshot's xmin (all older transactions had
+-- finished). merkle_root covers those events' row_hash in event_id order;
+-- block_hash covers the block's fields and the previous block's hash.
+CREATE TABLE subject_audit.block (
+    block_id bigint PRIMARY KEY,
+    from_txid bigint NOT NULL,
+    to_txid bigint NOT NULL,
+    event_count bigint NOT NULL,
+    first_event_id bigint,
+    last_event_id bigint,
+    merkle_root bytea NOT NULL,
+    previous_hash bytea NOT NULL,
+    block_hash bytea NOT NULL,
+    sealed_at timestamptz NOT NULL DEFAULT now()
+);
+
+-- Append-only, for every role including the owner: events and blocks are
+-- never updated or deleted (erasure deletes salts, not events).
+CREATE FUNCTION subject_audit.refuse_change() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog AS $$
+BEGIN
+    RAISE EXCEPTION 'subject_audit.% is append-only', TG_TABLE_NAME
+        USING ERRCODE = 'insufficient_privilege',
+              HINT = 'Audit events and ledger blocks are never updated or deleted.';
+END
+$$;
+CREATE TRIGGER append_only BEFORE UPDATE OR DELETE OR TRUNCATE ON subject_audit.event
+    FOR EACH STATEMENT EXECUTE FUNCTION subject_audit.refuse_change();
+CREATE TRIGGER append_only BEFORE UPDATE OR DELETE OR TRUNCATE ON subject_audit.block
+    FOR EACH STATEMENT EXECUTE FUNCTION subject_audit.refuse_change();
 
 CREATE VIEW subject_audit.tracked AS
 SELECT t.relid AS table_name,
@@ -111,4 +147,5 @@ SELECT pg_catalog.pg_extension_config_dump('subject_audit.writer_context', '');
 SELECT pg_catalog.pg_extension_config_dump('subject_audit.subject_key', '');
 SELECT pg_catalog.pg_extension_config_dump('subject_audit.tracked_table', '');
 SELECT pg_catalog.pg_extension_config_dump('subject_audit.event', '');
+SELECT pg_catalog.pg_extension_config_dump('subject_audit.block', '');
 SELECT pg_catalog.pg_extension_config_dump('subject_audit.event_event_id_seq', '');

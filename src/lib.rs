@@ -2,7 +2,9 @@
 //!
 //! The pipeline, top to bottom (imports only point down):
 //! - `sql_api`   — functions SQL calls, thin
-//! - `capture`, `reading` — triggers and diffs; decrypting a subject's trail
+//! - `capture`, `reading`, `ledger` — triggers and diffs; decrypting a
+//!   subject's trail; sealing and verifying
+//! - `recorder` — encrypting, hashing and inserting events, for all of the above
 //! - `keyring`, `envelope`, `integrity` — keys in backend memory; payload codec
 //!   and AEAD binding; per-event ledger hashes
 //! - `store`, `crypto` — the extension's tables and running as their owner;
@@ -18,7 +20,9 @@ mod crypto;
 mod envelope;
 mod integrity;
 mod keyring;
+mod ledger;
 mod reading;
+mod recorder;
 mod sql_api;
 mod store;
 
@@ -69,13 +73,15 @@ pub extern "C-unwind" fn _PG_init() {
             None,
             Some(show_session_key),
         );
-        pg_sys::MarkGUCPrefixReserved(c"subject_audit".as_ptr());
     }
     // Registration order matters: these relcache callbacks consult the
     // relation OIDs that `store` forgets in its own callback, registered last.
     keyring::init();
     capture::init();
     store::init();
+    ledger::worker::init();
+    // After every subject_audit.* setting is defined: a misspelt one is then an error.
+    unsafe { pg_sys::MarkGUCPrefixReserved(c"subject_audit".as_ptr()) };
 }
 
 /// Takes the keys out of the new value and replaces it with the mask, so the

@@ -30,6 +30,7 @@ SELECT subject_audit.install_public_key(:'pk');
 \c - postgres
 -- 7. The actor recorded is the role that made the change, not the extension owner.
 SELECT event_id, operation, actor, db_role, session_role FROM subject_audit.event ORDER BY event_id;
+-- (the first two are the admin trail: the key install and the track() call)
 SET ROLE app;
 SET subject_audit.actor = 'portal:agent-9';
 DELETE FROM people WHERE id = 2;
@@ -70,22 +71,27 @@ SELECT subject_audit.unlock(:'sk');
 SELECT operation, before, after FROM subject_audit.audit_for_subject('zoe@example.org');
 
 -- 4. Ciphertext is bound to its event and subject: moved, it fails cleanly.
+SELECT min(event_id) AS zoe_1, max(event_id) AS zoe_2 FROM subject_audit.audit_for_subject('zoe@example.org') \gset
+SELECT min(event_id) AS yan_1 FROM subject_audit.audit_for_subject('yan@example.org') \gset
+-- (Events are append-only; only a superuser switching triggers off can move them.)
+SET session_replication_role = replica;
 CREATE TEMP TABLE saved AS SELECT event_id, nonce, payload FROM subject_audit.event;
 -- (a) swap two events of the same subject
 UPDATE subject_audit.event e SET nonce = s.nonce, payload = s.payload
-FROM saved s WHERE (e.event_id, s.event_id) IN ((1, 3), (3, 1));
+FROM saved s WHERE (e.event_id, s.event_id) IN ((:zoe_1, :zoe_2), (:zoe_2, :zoe_1));
 SELECT count(*) FROM subject_audit.audit_for_subject('zoe@example.org');
 UPDATE subject_audit.event e SET nonce = s.nonce, payload = s.payload FROM saved s WHERE e.event_id = s.event_id;
 -- (b) move another subject's ciphertext into Zoë's event
 UPDATE subject_audit.event e SET nonce = s.nonce, payload = s.payload
-FROM saved s WHERE e.event_id = 1 AND s.event_id = 2;
+FROM saved s WHERE e.event_id = :zoe_1 AND s.event_id = :yan_1;
 SELECT count(*) FROM subject_audit.audit_for_subject('zoe@example.org');
 -- (c) flip one bit
 UPDATE subject_audit.event e SET nonce = s.nonce, payload = s.payload FROM saved s WHERE e.event_id = s.event_id;
-UPDATE subject_audit.event SET payload = set_byte(payload, 5, get_byte(payload, 5) # 1) WHERE event_id = 3;
+UPDATE subject_audit.event SET payload = set_byte(payload, 5, get_byte(payload, 5) # 1) WHERE event_id = :zoe_2;
 SELECT count(*) FROM subject_audit.audit_for_subject('zoe@example.org');
 UPDATE subject_audit.event e SET nonce = s.nonce, payload = s.payload FROM saved s WHERE e.event_id = s.event_id;
 SELECT count(*) AS zoe_events_readable_again FROM subject_audit.audit_for_subject('zoe@example.org');
+RESET session_replication_role;
 
 -- 4. Each subject has its own key (salt); nothing of Yan's decrypts as Zoë's.
 SELECT count(DISTINCT subject_key_id) AS subject_keys, count(DISTINCT salt) AS distinct_salts

@@ -1,7 +1,9 @@
 -- subject_audit.session_key unlocks a session from its startup options: the
 -- key appears in no statement (so in no log line), SHOW masks it, pg_settings
--- does not list it. The server here logs every statement.
+-- does not list it. The server here logs every statement and runs
+-- pg_stat_statements.
 CREATE EXTENSION pg_subject_audit;
+CREATE EXTENSION pg_stat_statements;
 -- The private key goes straight from the result into a psql variable.
 SELECT public_key AS pk, encode(private_key, 'hex') AS sk_hex FROM subject_audit.generate_keypair() \gset
 SELECT subject_audit.install_public_key(:'pk');
@@ -28,11 +30,14 @@ SELECT count(*) FROM subject_audit.audit_for_subject('t-1');
 \c :superuser_with_key
 SHOW subject_audit.session_key;
 SELECT count(*) AS events_readable FROM subject_audit.audit_for_subject('t-1');
--- What every session is running, as a superuser sees it.
+-- What every session is running, and every statement pg_stat_statements
+-- kept, as a superuser sees them.
 \o :test_dir/activity.txt
 SELECT query FROM pg_stat_activity;
+SELECT query FROM pg_stat_statements;
 \o
--- The server log holds every statement of this scenario (the first count
--- finds the track() call) and never the key.
-\! grep -c "subject_audit.track('clients'" "$PG_TEST_DIR/server.log"
+-- The server log and pg_stat_statements hold this scenario's statements (the
+-- track() call is found) and never the key.
+\! grep -q "subject_audit.track('clients'" "$PG_TEST_DIR/server.log" && echo "log has statements"
+\! grep -q "subject_audit.track" "$PG_TEST_DIR/activity.txt" && echo "pg_stat_statements has statements"
 \! cat "$PG_TEST_DIR/server.log" "$PG_TEST_DIR/activity.txt" | grep -c "$SK_HEX"

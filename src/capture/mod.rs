@@ -6,9 +6,7 @@
 //! resolve all subject keys in one batch and insert the events directly into
 //! the heap (no SPI, no per-row planning).
 
-mod context;
 mod diff;
-mod event_writer;
 mod table_meta;
 
 use std::ffi::CStr;
@@ -19,8 +17,8 @@ use pgrx::PgSqlErrorCode::*;
 
 use crate::envelope::{PayloadWriter, Value};
 use crate::keyring;
+use crate::recorder::{self, Draft, Header, StatementContext, Subject};
 use crate::store::error::raise;
-use context::StatementContext;
 use table_meta::{Column, TableMeta};
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -38,14 +36,6 @@ impl Operation {
             Operation::Delete => "DELETE",
         }
     }
-}
-
-/// One event, formatted and not yet encrypted.
-pub struct PendingEvent {
-    pub subject: Option<[u8; 32]>,
-    /// Indexes into the table's captured columns, shared by events alike.
-    pub columns: Rc<[usize]>,
-    pub payload: zeroize::Zeroizing<Vec<u8>>,
 }
 
 /// Registers the relcache callback that drops stale table metadata.
@@ -108,7 +98,7 @@ pub unsafe fn on_statement(trigger: &pg_sys::TriggerData) {
         pg_sys::ALLOCSET_DEFAULT_INITSIZE as usize,
         pg_sys::ALLOCSET_DEFAULT_MAXSIZE as usize,
     );
-    let all_columns: Rc<[usize]> = (0..meta.columns.len()).collect();
+    let all_columns: Rc<[String]> = meta.columns.iter().map(|c| c.name.clone()).collect();
     let mut events = Vec::new();
     let in_row_memory = |f: &mut dyn FnMut()| {
         let previous = pg_sys::MemoryContextSwitchTo(row_memory);
@@ -138,10 +128,10 @@ pub unsafe fn on_statement(trigger: &pg_sys::TriggerData) {
                         };
                         payload.column(column.json, before, after);
                     }
-                    events.push(PendingEvent {
+                    events.push(Draft {
                         subject,
-                        columns: all_columns.clone(),
-                        payload: payload.finish().into(),
+                        columns: Some(all_columns.clone()),
+                        payload: Some(payload.finish().into()),
                     });
                 });
             }
@@ -150,7 +140,8 @@ pub unsafe fn on_statement(trigger: &pg_sys::TriggerData) {
         Operation::Update => {
             let mut old = TransitionReader::new(trigger.tg_oldtable, tupdesc);
             let mut new = TransitionReader::new(trigger.tg_newtable, tupdesc);
-            let mut shared: Option<Rc<[usize]>> = None;
+            // Rows that changed the same columns share one name list.
+            let mut shared: Option<(Vec<usize>, Rc<[String]>)> = None;
             while old.next() && new.next() {
                 in_row_memory(&mut || {
                     let (before, after) = (old.row(), new.row());
@@ -158,16 +149,19 @@ pub unsafe fn on_statement(trigger: &pg_sys::TriggerData) {
                     if changed.is_empty() {
                         return;
                     }
-                    let columns = match &shared {
-                        Some(s) if **s == changed[..] => s.clone(),
+                    let names = match &shared {
+                        Some((set, names)) if *set == changed => names.clone(),
                         _ => {
-                            let s: Rc<[usize]> = changed.into();
-                            shared = Some(s.clone());
-                            s
+                            let names: Rc<[String]> = changed
+                                .iter()
+                                .map(|&i| meta.columns[i].name.clone())
+                                .collect();
+                            shared = Some((changed.clone(), names.clone()));
+                            names
                         }
                     };
                     let mut payload = PayloadWriter::new(reason);
-                    for &i in columns.iter() {
+                    for &i in &changed {
                         let column = &meta.columns[i];
                         payload.column(
                             column.json,
@@ -177,19 +171,23 @@ pub unsafe fn on_statement(trigger: &pg_sys::TriggerData) {
                     }
                     let payload = payload.finish();
                     // A change of subject concerns both people: each gets the event.
-                    let (old_subject, new_subject) =
-                        (subject_of(&meta, before), subject_of(&meta, after));
+                    let old_subject = subject_of(&meta, before);
+                    let new_subject = if same_value(&meta.subject, before, after) {
+                        old_subject
+                    } else {
+                        subject_of(&meta, after)
+                    };
                     if old_subject != new_subject {
-                        events.push(PendingEvent {
+                        events.push(Draft {
                             subject: old_subject,
-                            columns: columns.clone(),
-                            payload: payload.clone().into(),
+                            columns: Some(names.clone()),
+                            payload: Some(payload.clone().into()),
                         });
                     }
-                    events.push(PendingEvent {
+                    events.push(Draft {
                         subject: new_subject,
-                        columns,
-                        payload: payload.into(),
+                        columns: Some(names),
+                        payload: Some(payload.into()),
                     });
                 });
             }
@@ -199,7 +197,13 @@ pub unsafe fn on_statement(trigger: &pg_sys::TriggerData) {
     }
     pg_sys::MemoryContextDelete(row_memory);
     if !events.is_empty() {
-        event_writer::write(operation, &meta, &statement, events);
+        let header = Header {
+            operation: operation.as_str(),
+            status: "ok",
+            title: None,
+            table_name: Some(&meta.name),
+        };
+        recorder::record(&header, &statement, &events);
     }
 }
 
@@ -270,12 +274,17 @@ impl TransitionReader {
     }
 }
 
-unsafe fn subject_of(meta: &TableMeta, row: &Row) -> Option<[u8; 32]> {
-    row.get(meta.subject.index).map(|datum| {
-        let text =
-            pg_sys::OutputFunctionCall(meta.subject.output.as_ref() as *const _ as *mut _, datum);
-        keyring::subject_digest(CStr::from_ptr(text).to_bytes())
-    })
+unsafe fn subject_of(meta: &TableMeta, row: &Row) -> Subject {
+    match row.get(meta.subject.index) {
+        None => Subject::Nobody,
+        Some(datum) => {
+            let text = pg_sys::OutputFunctionCall(
+                meta.subject.output.as_ref() as *const _ as *mut _,
+                datum,
+            );
+            Subject::Digest(keyring::subject_digest(CStr::from_ptr(text).to_bytes()))
+        }
+    }
 }
 
 unsafe fn format_value<'a>(column: &Column, row: &'a Row) -> Value<&'a [u8]> {
@@ -290,6 +299,21 @@ unsafe fn format_value<'a>(column: &Column, row: &'a Row) -> Value<&'a [u8]> {
     }
 }
 
+/// Binary equality of two datums of `column`'s type (what "unchanged" means here).
+unsafe fn same_datum(column: &Column, a: pg_sys::Datum, b: pg_sys::Datum) -> bool {
+    pg_sys::ffi::pg_guard_ffi_boundary(|| {
+        datum_image_eq(a, b, column.by_value, column.length.into())
+    })
+}
+
+unsafe fn same_value(column: &Column, before: &Row, after: &Row) -> bool {
+    match (before.get(column.index), after.get(column.index)) {
+        (None, None) => true,
+        (Some(a), Some(b)) => same_datum(column, a, b),
+        _ => false,
+    }
+}
+
 unsafe fn changed_columns(columns: &[Column], before: &Row, after: &Row) -> Vec<usize> {
     let old: Vec<_> = columns
         .iter()
@@ -299,9 +323,5 @@ unsafe fn changed_columns(columns: &[Column], before: &Row, after: &Row) -> Vec<
         .iter()
         .map(|c| after.get(c.index).map(|d| (d, c)))
         .collect();
-    diff::changed(&old, &new, |(a, column), (b, _)| {
-        pg_sys::ffi::pg_guard_ffi_boundary(|| {
-            datum_image_eq(*a, *b, column.by_value, column.length.into())
-        })
-    })
+    diff::changed(&old, &new, |(a, column), (b, _)| same_datum(column, *a, *b))
 }

@@ -153,3 +153,132 @@ mod tests {
         assert_ne!(row_hash(&a), row_hash(&b));
     }
 }
+
+/// Merkle root over a block's event hashes, in event order (RFC 6962 style:
+/// leaves and nodes are domain-separated, an odd node is promoted).
+pub fn merkle_root(leaves: &[[u8; 32]]) -> [u8; 32] {
+    if leaves.is_empty() {
+        return sha256(&[b"pg_subject_audit empty"]);
+    }
+    let mut level: Vec<[u8; 32]> = leaves.iter().map(|l| sha256(&[&[0u8], l])).collect();
+    while level.len() > 1 {
+        level = level
+            .chunks(2)
+            .map(|pair| match pair {
+                [l, r] => sha256(&[&[1u8], l, r]),
+                [single] => *single,
+                _ => unreachable!(),
+            })
+            .collect();
+    }
+    level[0]
+}
+
+/// What a block commits to: its place in the chain, the transactions it
+/// covers, its events, and the block before it.
+pub struct BlockFields<'a> {
+    pub block_id: i64,
+    pub from_txid: i64,
+    pub to_txid: i64,
+    pub event_count: i64,
+    pub merkle_root: &'a [u8],
+    pub previous_hash: &'a [u8],
+}
+
+pub fn block_hash(b: &BlockFields<'_>) -> [u8; 32] {
+    sha256(&[
+        b"pg_subject_audit block v1",
+        &b.block_id.to_be_bytes(),
+        &b.from_txid.to_be_bytes(),
+        &b.to_txid.to_be_bytes(),
+        &b.event_count.to_be_bytes(),
+        &(b.merkle_root.len() as u32).to_be_bytes(),
+        b.merkle_root,
+        &(b.previous_hash.len() as u32).to_be_bytes(),
+        b.previous_hash,
+    ])
+}
+
+/// The `previous_hash` of the first block.
+pub const GENESIS: [u8; 32] = [0u8; 32];
+
+/// `psa1:<block_id>:<block hash in hex>`, short enough to keep anywhere.
+pub fn format_checkpoint(block_id: i64, hash: &[u8]) -> String {
+    let hex: String = hash.iter().map(|b| format!("{b:02x}")).collect();
+    format!("psa1:{block_id}:{hex}")
+}
+
+pub fn parse_checkpoint(text: &str) -> Option<(i64, Vec<u8>)> {
+    let mut parts = text.trim().split(':');
+    if parts.next()? != "psa1" {
+        return None;
+    }
+    let block_id = parts.next()?.parse().ok()?;
+    let hex = parts.next()?;
+    if parts.next().is_some() || hex.len() != 64 {
+        return None;
+    }
+    let bytes = (0..64)
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).ok())
+        .collect::<Option<Vec<_>>>()?;
+    Some((block_id, bytes))
+}
+
+#[cfg(test)]
+mod ledger_tests {
+    use super::*;
+
+    #[test]
+    fn merkle_root_depends_on_every_leaf_and_its_place() {
+        let leaves: Vec<[u8; 32]> = (0..5u8).map(|i| [i; 32]).collect();
+        let root = merkle_root(&leaves);
+        for i in 0..leaves.len() {
+            let mut changed = leaves.clone();
+            changed[i][0] ^= 1;
+            assert_ne!(merkle_root(&changed), root, "leaf {i}");
+        }
+        let mut swapped = leaves.clone();
+        swapped.swap(1, 2);
+        assert_ne!(merkle_root(&swapped), root);
+        assert_ne!(merkle_root(&leaves[..4]), root);
+        let mut extra = leaves.clone();
+        extra.push([9; 32]);
+        assert_ne!(merkle_root(&extra), root);
+        // A leaf is not confusable with an inner node.
+        let inner = sha256(&[
+            &[1u8],
+            &sha256(&[&[0u8], &leaves[0]]),
+            &sha256(&[&[0u8], &leaves[1]]),
+        ]);
+        assert_ne!(merkle_root(&[inner]), merkle_root(&leaves[..2]));
+        assert_eq!(merkle_root(&leaves), root);
+    }
+
+    #[test]
+    fn block_hash_chains() {
+        let root = merkle_root(&[[1; 32]]);
+        let b = |id, prev: &[u8]| {
+            block_hash(&BlockFields {
+                block_id: id,
+                from_txid: 0,
+                to_txid: 10,
+                event_count: 1,
+                merkle_root: &root,
+                previous_hash: prev,
+            })
+        };
+        assert_ne!(b(1, &GENESIS), b(2, &GENESIS));
+        assert_ne!(b(1, &GENESIS), b(1, &[1; 32]));
+    }
+
+    #[test]
+    fn checkpoints_round_trip() {
+        let text = format_checkpoint(42, &[0xab; 32]);
+        assert_eq!(parse_checkpoint(&text), Some((42, vec![0xab; 32])));
+        assert_eq!(parse_checkpoint(" psa1:1:00 "), None);
+        assert_eq!(parse_checkpoint("psa2:1:"), None);
+        assert_eq!(parse_checkpoint(&format!("{text}:x")), None);
+        assert_eq!(parse_checkpoint(&text.replace("ab", "zz")), None);
+    }
+}

@@ -1,5 +1,5 @@
 //! The session keyring: private keys this session unlocked, in backend memory
-//! only, wiped on `lock()` and at backend exit.
+//! only, wiped on `lock()`, on DISCARD ALL and at backend exit.
 
 use std::cell::RefCell;
 use std::collections::HashMap;

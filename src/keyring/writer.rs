@@ -8,8 +8,8 @@ use std::collections::HashMap;
 use std::rc::Rc;
 
 use pgrx::prelude::*;
-use pgrx::{PgBuiltInOids, PgOid};
 use pgrx::PgSqlErrorCode::*;
+use pgrx::{PgBuiltInOids, PgOid};
 use zeroize::Zeroizing;
 
 use crate::crypto::{self, SenderContext, SubjectDigester, DIGEST_LEN};
@@ -238,7 +238,12 @@ fn run_subject_key_query(
             table.map(collect_keys)
         })
     })
-    .unwrap_or_else(|e| raise(ERRCODE_INTERNAL_ERROR, format!("could not read or create subject keys: {e}")))
+    .unwrap_or_else(|e| {
+        raise(
+            ERRCODE_INTERNAL_ERROR,
+            format!("could not read or create subject keys: {e}"),
+        )
+    })
 }
 
 fn load_subject_keys(digests: &[[u8; DIGEST_LEN]]) -> HashMap<[u8; DIGEST_LEN], SubjectKey> {
@@ -248,12 +253,17 @@ fn load_subject_keys(digests: &[[u8; DIGEST_LEN]]) -> HashMap<[u8; DIGEST_LEN], 
 
 fn create_subject_keys(digests: &[[u8; DIGEST_LEN]]) -> HashMap<[u8; DIGEST_LEN], SubjectKey> {
     let mut salts = Zeroizing::new(vec![0u8; 32 * digests.len()]);
-    crypto::fill_random(&mut salts).unwrap_or_else(|e| raise(ERRCODE_INTERNAL_ERROR, e.to_string()));
+    crypto::fill_random(&mut salts)
+        .unwrap_or_else(|e| raise(ERRCODE_INTERNAL_ERROR, e.to_string()));
     let digest_arg = digests.iter().map(|d| d.to_vec()).collect::<Vec<_>>();
     let salt_arg = salts.chunks(32).map(<[u8]>::to_vec).collect::<Vec<_>>();
     // A concurrent writer may create the same subject first: then its salt
     // wins and is returned here (DO UPDATE, because DO NOTHING returns no row).
-    run_subject_key_query(CREATE_SUBJECT_KEYS, vec![digest_arg, salt_arg], digests.len())
+    run_subject_key_query(
+        CREATE_SUBJECT_KEYS,
+        vec![digest_arg, salt_arg],
+        digests.len(),
+    )
 }
 
 pub(super) fn on_commit() {

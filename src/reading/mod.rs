@@ -30,6 +30,7 @@ impl DecryptedEvent {
             "INSERT" => format!("created {}", self.changed_columns.join(", ")),
             "UPDATE" => format!("changed {}", self.changed_columns.join(", ")),
             "DELETE" => format!("deleted {}", self.changed_columns.join(", ")),
+            "ERASE" => "erased: the personal values of this subject's earlier events can no longer be decrypted".into(),
             other => other.to_lowercase(),
         };
         match self.payload.as_ref().and_then(|p| p.reason.as_deref()) {

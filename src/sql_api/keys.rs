@@ -3,6 +3,7 @@
 use pgrx::prelude::*;
 use pgrx::PgSqlErrorCode::*;
 
+use super::admin;
 use crate::crypto;
 use crate::keyring;
 use crate::store::{self, error::raise};
@@ -48,6 +49,7 @@ fn install_public_key(public_key: &[u8]) -> i32 {
     };
     // Every backend drops its writer context at commit and sets up one to this key.
     store::invalidate(relations.writer_key);
+    admin::record("KEY_INSTALL", &format!("install key {key_id}"), None);
     key_id
 }
 
@@ -61,4 +63,38 @@ fn unlock(private_key: &[u8]) -> i32 {
 #[pg_extern(volatile, parallel_unsafe)]
 fn lock() {
     keyring::lock();
+}
+
+/// Stops using a key for writes; events written under it stay readable with
+/// its private key. The last active key cannot be retired.
+#[pg_extern(volatile, parallel_unsafe)]
+fn retire_public_key(key_id: i32) {
+    let relations = store::relations();
+    let state = store::as_owner(|| {
+        Spi::get_two_with_args::<bool, i64>(
+            "SELECT bool_or(key_id OPERATOR(pg_catalog.=) $1), count(*) \
+             FROM subject_audit.writer_key WHERE retired_at IS NULL",
+            &[key_id.into()],
+        )
+    });
+    match state {
+        Ok((Some(true), Some(active))) if active > 1 => {}
+        Ok((Some(true), _)) => raise(
+            ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            format!("key {key_id} is the only active key: install another before retiring it"),
+        ),
+        _ => raise(
+            ERRCODE_UNDEFINED_OBJECT,
+            format!("no active key with id {key_id}"),
+        ),
+    }
+    store::as_owner(|| {
+        Spi::run_with_args(
+            "UPDATE subject_audit.writer_key SET retired_at = pg_catalog.now() WHERE key_id OPERATOR(pg_catalog.=) $1",
+            &[key_id.into()],
+        )
+    })
+    .unwrap_or_else(|e| raise(ERRCODE_INTERNAL_ERROR, format!("could not retire key {key_id}: {e}")));
+    store::invalidate(relations.writer_key);
+    admin::record("KEY_RETIRE", &format!("retire key {key_id}"), None);
 }

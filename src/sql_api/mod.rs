@@ -1,6 +1,9 @@
 //! Everything SQL calls: thin functions that check their input and hand over
 //! to capture, reading and the keyring.
 
+mod admin;
+mod erasure;
 mod keys;
+mod ledger;
 mod reading;
 mod tracking;

@@ -4,6 +4,7 @@ use pgrx::prelude::*;
 use pgrx::PgSqlErrorCode::*;
 use pgrx::{spi, PgRelation};
 
+use super::admin;
 use crate::capture;
 use crate::store::{self, error::raise};
 
@@ -94,6 +95,7 @@ fn track(tbl: PgRelation, subject_column: &str, exclude_columns: default!(Vec<St
     });
     // Trigger DDL runs as the caller, who must own the table.
     drop_triggers(&tbl, &name);
+    admin::record("TRACK", &format!("track {name}"), Some(&name));
     for (trigger, event, transition) in TRIGGERS {
         Spi::run(&format!(
             "CREATE TRIGGER {trigger} AFTER {event} ON {name} REFERENCING {transition} \
@@ -129,6 +131,7 @@ fn untrack(tbl: PgRelation) {
     }
     drop_triggers(&tbl, &name);
     store::invalidate(tbl.oid());
+    admin::record("UNTRACK", &format!("untrack {name}"), Some(&name));
 }
 
 /// Drops the capture triggers `tbl` has, quietly (no "does not exist" notices).

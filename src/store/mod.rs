@@ -35,13 +35,22 @@ thread_local! {
 /// A statement prepared once per backend and kept: the plan cache replans it
 /// by itself when a table it uses changes. Every name in `query` must be
 /// schema-qualified (operators too), so search_path cannot divert it.
-pub fn prepared(client: &SpiClient<'_>, query: &'static str, arg_types: &[PgOid]) -> Rc<OwnedPreparedStatement> {
+pub fn prepared(
+    client: &SpiClient<'_>,
+    query: &'static str,
+    arg_types: &[PgOid],
+) -> Rc<OwnedPreparedStatement> {
     if let Some(plan) = PLANS.with(|p| p.borrow().get(query).cloned()) {
         return plan;
     }
     let plan = client
         .prepare_mut(query, arg_types)
-        .unwrap_or_else(|e| error::raise(pgrx::PgSqlErrorCode::ERRCODE_INTERNAL_ERROR, format!("could not prepare: {e}")))
+        .unwrap_or_else(|e| {
+            error::raise(
+                pgrx::PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
+                format!("could not prepare: {e}"),
+            )
+        })
         .keep();
     let plan = Rc::new(plan);
     PLANS.with(|p| p.borrow_mut().insert(query, plan.clone()));
@@ -137,6 +146,16 @@ pub fn as_owner<R>(f: impl FnOnce() -> R) -> R {
     let result = f();
     unsafe { pg_sys::SetUserIdAndSecContext(saved_user, saved_context) };
     result
+}
+
+/// A string setting, `None` when unset or empty.
+pub fn setting(name: &std::ffi::CStr) -> Option<String> {
+    let value = unsafe { pg_sys::GetConfigOption(name.as_ptr(), true, false) };
+    if value.is_null() {
+        return None;
+    }
+    let value = unsafe { std::ffi::CStr::from_ptr(value) }.to_string_lossy();
+    (!value.is_empty()).then(|| value.into_owned())
 }
 
 /// Asks every backend (this one included) to drop what it cached about

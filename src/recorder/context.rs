@@ -6,6 +6,8 @@ use std::ffi::CStr;
 
 use pgrx::prelude::*;
 
+use crate::store;
+
 pub struct StatementContext {
     pub at: i64,
     pub txid: u64,
@@ -32,16 +34,6 @@ fn role_name(role: pg_sys::Oid) -> String {
     name
 }
 
-/// A string setting, `None` when unset or empty.
-fn setting(name: &CStr) -> Option<String> {
-    let value = unsafe { pg_sys::GetConfigOption(name.as_ptr(), true, false) };
-    if value.is_null() {
-        return None;
-    }
-    let value = unsafe { CStr::from_ptr(value) }.to_string_lossy();
-    (!value.is_empty()).then(|| value.into_owned())
-}
-
 /// The client's address as `host()` prints it; constant for the session.
 fn client_addr() -> Option<String> {
     if let Some(a) = CLIENT_ADDR.with(|c| c.borrow().clone()) {
@@ -60,12 +52,12 @@ impl StatementContext {
         StatementContext {
             at: unsafe { pg_sys::GetCurrentStatementStartTimestamp() },
             txid: unsafe { pg_sys::GetTopFullTransactionId() }.value,
-            actor: setting(c"subject_audit.actor").unwrap_or_else(|| db_role.clone()),
+            actor: store::setting(c"subject_audit.actor").unwrap_or_else(|| db_role.clone()),
             session_role: role_name(unsafe { pg_sys::GetSessionUserId() }),
             db_role,
-            application_name: setting(c"application_name"),
+            application_name: store::setting(c"application_name"),
             client_addr: client_addr(),
-            reason: setting(c"subject_audit.reason"),
+            reason: store::setting(c"subject_audit.reason"),
         }
     }
 }

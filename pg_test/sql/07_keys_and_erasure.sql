@@ -1,0 +1,56 @@
+-- Key lifecycle and the right to erasure: rotation, retirement, a keyring
+-- that DISCARD ALL wipes, crypto-shredding one subject.
+CREATE EXTENSION pg_subject_audit;
+CREATE EXTENSION dblink;
+SELECT public_key AS pk1, encode(private_key, 'hex') AS sk1 FROM subject_audit.generate_keypair() \gset
+SELECT public_key AS pk2, encode(private_key, 'hex') AS sk2 FROM subject_audit.generate_keypair() \gset
+SELECT subject_audit.install_public_key(:'pk1');
+CREATE TABLE users (id int PRIMARY KEY, login text, email text);
+SELECT subject_audit.track('users', 'login');
+INSERT INTO users VALUES (1, 'ada', 'ada@example.com'), (2, 'ben', 'ben@example.com');
+
+-- Rotation: key 2 becomes active, key 1 is retired; events keep their key.
+SELECT subject_audit.install_public_key(:'pk2');
+SELECT subject_audit.retire_public_key(1);
+UPDATE users SET email = 'ada@new.example' WHERE id = 1;
+SELECT e.event_id, e.operation, c.key_id FROM subject_audit.event e
+JOIN subject_audit.writer_context c USING (context_id) ORDER BY e.event_id;
+SELECT key_id, retired_at IS NOT NULL AS retired FROM subject_audit.writer_key ORDER BY key_id;
+-- Refused: the only active key, an unknown key, a retired key.
+SELECT subject_audit.retire_public_key(2);
+SELECT subject_audit.retire_public_key(7);
+SELECT subject_audit.retire_public_key(1);
+
+-- A session unlocked with both keys from its startup options reads across the rotation.
+\set both_keys 'dbname=' :DBNAME ' options=-csubject_audit.session_key=' :sk1 ',' :sk2
+\c :both_keys
+SELECT event_id, operation, before, after FROM subject_audit.audit_for_subject('ada');
+-- DISCARD ALL (a pooler handing the connection on) wipes the keyring.
+DISCARD ALL;
+SELECT count(*) FROM subject_audit.audit_for_subject('ada');
+\c - postgres
+
+-- Erasure, with a second session that has ada's salt cached.
+SELECT dblink_connect('w', format('dbname=%s host=%s port=%s', current_database(),
+                                  current_setting('unix_socket_directories'), current_setting('port')));
+SELECT dblink_exec('w', $$UPDATE users SET email = 'ada@cached.example' WHERE id = 1$$);
+SELECT subject_audit.forget_subject('ada') AS events_of_ada;
+SELECT subject_audit.forget_subject('nobody we know') AS events_of_nobody;
+-- The other session writes again: never under the erased salt.
+SELECT dblink_exec('w', $$UPDATE users SET email = 'ada@after.example' WHERE id = 1$$);
+SELECT dblink_disconnect('w');
+-- Ada now has an erased key and a fresh one; Ben his one key.
+SELECT count(*) AS subject_keys, count(*) FILTER (WHERE salt IS NULL AND erased_at IS NOT NULL) AS erased
+FROM subject_audit.subject_key;
+
+SELECT subject_audit.unlock(decode(:'sk1', 'hex')), subject_audit.unlock(decode(:'sk2', 'hex'));
+-- Ada's trail: every event still listed, the old values gone for good, the
+-- erasure itself recorded, the event after it readable under a fresh key.
+SELECT event_id, operation, status, description, before, after FROM subject_audit.audit_for_subject('ada');
+SELECT min(event_id) AS ada_first FROM subject_audit.audit_for_subject('ada') \gset
+SELECT * FROM subject_audit.audit_event('ada', :ada_first);
+-- Ben is untouched.
+SELECT event_id, operation, after FROM subject_audit.audit_for_subject('ben');
+-- The admin trail (no subject, no payload).
+SELECT event_id, operation, title, table_name, actor FROM subject_audit.events
+WHERE operation IN ('TRACK', 'KEY_INSTALL', 'KEY_RETIRE', 'ERASE') ORDER BY event_id;

@@ -1,0 +1,94 @@
+-- The tamper-evident ledger: seal, verify, checkpoint. Each tampering runs
+-- as a superuser who switched triggers off (session_replication_role), in
+-- a transaction that verify() inspects and that is then rolled back.
+CREATE EXTENSION pg_subject_audit;
+SELECT subject_audit.install_public_key(public_key) FROM subject_audit.generate_keypair();
+CREATE TABLE orders (id int PRIMARY KEY, customer text, item text);
+SELECT subject_audit.track('orders', 'customer');
+INSERT INTO orders SELECT g, 'c' || (g % 3), 'item ' || g FROM generate_series(1, 6) g;
+UPDATE orders SET item = item || '!' WHERE id <= 2;
+
+-- Append-only for everyone, the owner included.
+UPDATE subject_audit.event SET actor = 'x' WHERE event_id = 1;
+DELETE FROM subject_audit.event WHERE event_id = 1;
+TRUNCATE subject_audit.event;
+
+SELECT subject_audit.seal() AS sealed;
+SELECT subject_audit.seal() AS sealed_again;
+SELECT block_id, event_count, first_event_id, last_event_id FROM subject_audit.block;
+SELECT * FROM subject_audit.verify();
+SELECT subject_audit.checkpoint() AS cp \gset
+SELECT :'cp' ~ '^psa1:1:[0-9a-f]{64}$' AS checkpoint_format;
+-- Events written since are counted as unsealed, then sealed into block 2.
+DELETE FROM orders WHERE id = 6;
+SELECT ok, events_checked, unsealed FROM subject_audit.verify(:'cp');
+SELECT subject_audit.seal() AS sealed;
+SELECT * FROM subject_audit.verify(:'cp');
+SELECT subject_audit.checkpoint() AS cp_latest \gset
+
+SET session_replication_role = replica;
+-- 1. A changed field of a sealed event.
+BEGIN;
+UPDATE subject_audit.event SET actor = 'someone else' WHERE event_id = 3;
+SELECT ok, problems FROM subject_audit.verify();
+ROLLBACK;
+-- ... even when the attacker recomputes nothing else: the ciphertext swapped too.
+BEGIN;
+UPDATE subject_audit.event SET payload = (SELECT payload FROM subject_audit.event WHERE event_id = 4) WHERE event_id = 3;
+SELECT ok, problems FROM subject_audit.verify();
+ROLLBACK;
+-- 2. A deleted sealed event.
+BEGIN;
+DELETE FROM subject_audit.event WHERE event_id = 5;
+SELECT ok, problems FROM subject_audit.verify();
+ROLLBACK;
+-- 3. An event inserted into a sealed range (a copy of a real one under a new id).
+BEGIN;
+INSERT INTO subject_audit.event
+SELECT 1000, at, txid, operation, status, sqlstate, title, table_name, actor, db_role, session_role,
+       application_name, client_addr, changed_columns, subject_key_id, context_id, nonce, payload, row_hash
+FROM subject_audit.event WHERE event_id = 2;
+SELECT ok, problems FROM subject_audit.verify();
+ROLLBACK;
+-- 4. An event moved within its range.
+BEGIN;
+UPDATE subject_audit.event SET event_id = 999 WHERE event_id = 2;
+SELECT ok, problems FROM subject_audit.verify();
+ROLLBACK;
+-- 5. A changed block, and a deleted one.
+BEGIN;
+UPDATE subject_audit.block SET event_count = event_count - 1 WHERE block_id = 1;
+SELECT ok, problems FROM subject_audit.verify();
+ROLLBACK;
+-- Dropping the newest block: its events count as unsealed again, and the
+-- newest checkpoint no longer matches.
+BEGIN;
+DELETE FROM subject_audit.block WHERE block_id = 2;
+SELECT ok, problems, unsealed FROM subject_audit.verify(:'cp');
+SELECT ok, problems, unsealed FROM subject_audit.verify(:'cp_latest');
+ROLLBACK;
+-- 6. A ledger rebuilt from scratch after removing an event verifies on its own,
+-- but not against the checkpoint kept outside.
+BEGIN;
+DELETE FROM subject_audit.event WHERE event_id = 3;
+DELETE FROM subject_audit.block;
+SET LOCAL session_replication_role = origin;
+SELECT subject_audit.seal() > 0 AS resealed;
+SELECT ok, problems FROM subject_audit.verify();
+SELECT ok, problems FROM subject_audit.verify(:'cp');
+ROLLBACK;
+RESET session_replication_role;
+SELECT ok, problems FROM subject_audit.verify('not a checkpoint');
+
+-- Erasure never breaks verification.
+SELECT subject_audit.forget_subject('c1') AS erased_events;
+SELECT subject_audit.seal() AS sealed;
+SELECT ok, problems, unsealed FROM subject_audit.verify(:'cp');
+-- (A checkpoint belongs outside the database; this table stands in for that.)
+CREATE TABLE kept_outside AS SELECT subject_audit.checkpoint() AS cp;
+UPDATE orders SET item = 'after crash?' WHERE id = 2;
+-- @crash
+-- After crash recovery the committed events are there and the ledger verifies.
+SELECT count(*) AS events FROM subject_audit.event;
+SELECT subject_audit.seal() AS sealed;
+SELECT ok, problems, unsealed FROM subject_audit.verify((SELECT cp FROM kept_outside));

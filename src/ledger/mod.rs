@@ -1,0 +1,345 @@
+//! The tamper-evident ledger. `seal` groups finished events into blocks (a
+//! Merkle root over their hashes, chained to the previous block); `verify`
+//! recomputes every sealed event's hash from its stored fields, every root
+//! and every link; a checkpoint kept outside the database catches a ledger
+//! rebuilt from scratch.
+//!
+//! A block covers the events of a range of transaction ids, ending at the
+//! sealing snapshot's xmin: every transaction below it has finished, so no
+//! late commit can ever add an event to a sealed range. Writers never wait
+//! for the ledger: each event's hash is computed at insert from that event
+//! alone.
+
+pub mod worker;
+
+use pgrx::prelude::*;
+use pgrx::PgSqlErrorCode::*;
+
+use crate::integrity::{self, BlockFields, EventFields, GENESIS};
+use crate::store::{self, error::raise};
+
+/// Rows fetched per round trip while reading events.
+const FETCH: i64 = 10_000;
+/// Problems listed before the rest are only counted.
+const MAX_PROBLEMS: usize = 100;
+
+struct Block {
+    block_id: i64,
+    from_txid: i64,
+    to_txid: i64,
+    event_count: i64,
+    merkle_root: Vec<u8>,
+    previous_hash: Vec<u8>,
+    block_hash: Vec<u8>,
+}
+
+fn spi_error(e: pgrx::spi::SpiError) -> ! {
+    raise(ERRCODE_INTERNAL_ERROR, format!("ledger: {e}"))
+}
+
+fn read_blocks(client: &pgrx::spi::SpiClient<'_>, last_only: bool) -> Vec<Block> {
+    let query = if last_only {
+        "SELECT block_id, from_txid, to_txid, event_count, merkle_root, previous_hash, block_hash \
+         FROM subject_audit.block ORDER BY block_id DESC LIMIT 1"
+    } else {
+        "SELECT block_id, from_txid, to_txid, event_count, merkle_root, previous_hash, block_hash \
+         FROM subject_audit.block ORDER BY block_id"
+    };
+    let rows = client
+        .select(query, None, &[])
+        .unwrap_or_else(|e| spi_error(e));
+    rows.map(|r| Block {
+        block_id: r.get(1).ok().flatten().unwrap_or_default(),
+        from_txid: r.get(2).ok().flatten().unwrap_or_default(),
+        to_txid: r.get(3).ok().flatten().unwrap_or_default(),
+        event_count: r.get(4).ok().flatten().unwrap_or_default(),
+        merkle_root: r.get(5).ok().flatten().unwrap_or_default(),
+        previous_hash: r.get(6).ok().flatten().unwrap_or_default(),
+        block_hash: r.get(7).ok().flatten().unwrap_or_default(),
+    })
+    .collect()
+}
+
+/// Seals every finished, unsealed event into one new block; returns how many.
+pub fn seal() -> i64 {
+    store::as_owner(|| {
+        Spi::connect_mut(|client| {
+            // One sealer at a time; writers are not blocked.
+            client
+                .update(
+                    "LOCK TABLE subject_audit.block IN SHARE ROW EXCLUSIVE MODE",
+                    None,
+                    &[],
+                )
+                .unwrap_or_else(|e| spi_error(e));
+            let last = read_blocks(client, true).pop();
+            let from_txid = last.as_ref().map_or(0, |b| b.to_txid);
+            let horizon = client
+                .select(
+                    "SELECT pg_catalog.pg_snapshot_xmin(pg_catalog.pg_current_snapshot())::text::bigint",
+                    None,
+                    &[],
+                )
+                .and_then(|t| t.first().get_one::<i64>())
+                .unwrap_or_else(|e| spi_error(e))
+                .unwrap_or(from_txid);
+            if horizon <= from_txid {
+                return 0;
+            }
+            let mut leaves = Vec::new();
+            let mut cursor = client.open_cursor(
+                "SELECT row_hash FROM subject_audit.event \
+                 WHERE txid OPERATOR(pg_catalog.>=) $1 AND txid OPERATOR(pg_catalog.<) $2 ORDER BY event_id",
+                &[from_txid.into(), horizon.into()],
+            );
+            loop {
+                let chunk = cursor.fetch(FETCH).unwrap_or_else(|e| spi_error(e));
+                if chunk.is_empty() {
+                    break;
+                }
+                for row in chunk {
+                    let hash: Vec<u8> = row.get(1).ok().flatten().unwrap_or_default();
+                    leaves.push(<[u8; 32]>::try_from(hash).unwrap_or([0; 32]));
+                }
+            }
+            drop(cursor);
+            if leaves.is_empty() {
+                return 0;
+            }
+            let block_id = last.as_ref().map_or(1, |b| b.block_id + 1);
+            let previous_hash = last.map_or(GENESIS.to_vec(), |b| b.block_hash);
+            let root = integrity::merkle_root(&leaves);
+            let fields = BlockFields {
+                block_id,
+                from_txid,
+                to_txid: horizon,
+                event_count: leaves.len() as i64,
+                merkle_root: &root,
+                previous_hash: &previous_hash,
+            };
+            let hash = integrity::block_hash(&fields);
+            client
+                .update(
+                    "INSERT INTO subject_audit.block (block_id, from_txid, to_txid, event_count, first_event_id, \
+                     last_event_id, merkle_root, previous_hash, block_hash) \
+                     SELECT $1, $2, $3, $4, min(event_id), max(event_id), $5, $6, $7 FROM subject_audit.event \
+                     WHERE txid OPERATOR(pg_catalog.>=) $2 AND txid OPERATOR(pg_catalog.<) $3",
+                    None,
+                    &[
+                        block_id.into(),
+                        from_txid.into(),
+                        horizon.into(),
+                        fields.event_count.into(),
+                        root.to_vec().into(),
+                        previous_hash.clone().into(),
+                        hash.to_vec().into(),
+                    ],
+                )
+                .unwrap_or_else(|e| spi_error(e));
+            fields.event_count
+        })
+    })
+}
+
+/// The current ledger digest: the last block's id and hash.
+pub fn checkpoint() -> String {
+    store::as_owner(|| {
+        Spi::connect(|client| match read_blocks(client, true).pop() {
+            Some(b) => integrity::format_checkpoint(b.block_id, &b.block_hash),
+            None => integrity::format_checkpoint(0, &GENESIS),
+        })
+    })
+}
+
+pub struct Verification {
+    pub ok: bool,
+    pub events_checked: i64,
+    pub problems: Vec<String>,
+    pub unsealed: i64,
+}
+
+struct Problems {
+    listed: Vec<String>,
+    more: usize,
+}
+
+impl Problems {
+    fn push(&mut self, p: String) {
+        if self.listed.len() < MAX_PROBLEMS {
+            self.listed.push(p);
+        } else {
+            self.more += 1;
+        }
+    }
+}
+
+/// Checks every sealed event and block, and that the ledger still extends `checkpoint`.
+pub fn verify(checkpoint: Option<&str>) -> Verification {
+    store::as_owner(|| Spi::connect(|client| verify_with(client, checkpoint)))
+}
+
+fn verify_with(client: &pgrx::spi::SpiClient<'_>, checkpoint: Option<&str>) -> Verification {
+    let mut problems = Problems {
+        listed: Vec::new(),
+        more: 0,
+    };
+    let blocks = read_blocks(client, false);
+    let mut previous_hash = GENESIS.to_vec();
+    let mut previous_to = 0i64;
+    let mut events_checked = 0i64;
+    for (i, b) in blocks.iter().enumerate() {
+        let expected_id = i as i64 + 1;
+        if b.block_id != expected_id {
+            problems.push(format!(
+                "block {expected_id} is missing (found block {} in its place)",
+                b.block_id
+            ));
+        }
+        if b.previous_hash != previous_hash {
+            problems.push(format!(
+                "block {}: does not chain to the block before it",
+                b.block_id
+            ));
+        }
+        if b.from_txid != previous_to {
+            problems.push(format!(
+                "block {}: does not start where the block before it ends",
+                b.block_id
+            ));
+        }
+        let recomputed = integrity::block_hash(&BlockFields {
+            block_id: b.block_id,
+            from_txid: b.from_txid,
+            to_txid: b.to_txid,
+            event_count: b.event_count,
+            merkle_root: &b.merkle_root,
+            previous_hash: &b.previous_hash,
+        });
+        if recomputed[..] != b.block_hash[..] {
+            problems.push(format!(
+                "block {}: altered (its hash does not match its fields)",
+                b.block_id
+            ));
+        }
+        let leaves = block_events(client, b, &mut problems);
+        events_checked += leaves.len() as i64;
+        if leaves.len() as i64 != b.event_count
+            || integrity::merkle_root(&leaves)[..] != b.merkle_root[..]
+        {
+            problems.push(format!(
+                "block {}: its events were removed, added, moved or altered ({} found, {} sealed)",
+                b.block_id,
+                leaves.len(),
+                b.event_count
+            ));
+        }
+        previous_hash = b.block_hash.clone();
+        previous_to = b.to_txid;
+    }
+    if let Some(text) = checkpoint {
+        match integrity::parse_checkpoint(text) {
+            None => problems
+                .push("checkpoint: malformed (expected psa1:<block>:<64 hex digits>)".into()),
+            Some((0, hash)) if hash == GENESIS => {}
+            Some((id, hash)) => match blocks.iter().find(|b| b.block_id == id) {
+                None => problems.push(format!("checkpoint: block {id} no longer exists")),
+                Some(b) if b.block_hash != hash => problems.push(format!(
+                    "checkpoint: block {id} differs from the checkpoint (ledger rewritten)"
+                )),
+                Some(_) => {}
+            },
+        }
+    }
+    let unsealed = client
+        .select(
+            "SELECT count(*) FROM subject_audit.event WHERE txid OPERATOR(pg_catalog.>=) $1",
+            None,
+            &[previous_to.into()],
+        )
+        .and_then(|t| t.first().get_one::<i64>())
+        .ok()
+        .flatten()
+        .unwrap_or(0);
+    if problems.more > 0 {
+        let more = problems.more;
+        problems
+            .listed
+            .push(format!("... and {more} more problems"));
+    }
+    Verification {
+        ok: problems.listed.is_empty(),
+        events_checked,
+        problems: problems.listed,
+        unsealed,
+    }
+}
+
+/// Recomputes the hash of every event in `block` from its stored fields.
+fn block_events(
+    client: &pgrx::spi::SpiClient<'_>,
+    block: &Block,
+    problems: &mut Problems,
+) -> Vec<[u8; 32]> {
+    let mut leaves = Vec::with_capacity(block.event_count.max(0) as usize);
+    let mut cursor = client.open_cursor(
+        "SELECT event_id, at, txid, operation, status, sqlstate, title, table_name, actor, db_role, \
+         session_role, application_name, pg_catalog.host(client_addr), changed_columns, subject_key_id, \
+         context_id, nonce, payload, row_hash \
+         FROM subject_audit.event \
+         WHERE txid OPERATOR(pg_catalog.>=) $1 AND txid OPERATOR(pg_catalog.<) $2 ORDER BY event_id",
+        &[block.from_txid.into(), block.to_txid.into()],
+    );
+    loop {
+        let chunk = cursor.fetch(FETCH).unwrap_or_else(|e| spi_error(e));
+        if chunk.is_empty() {
+            break;
+        }
+        for row in chunk {
+            let text = |i: usize| row.get::<String>(i).ok().flatten();
+            let bytes = |i: usize| row.get::<Vec<u8>>(i).ok().flatten();
+            let event_id: i64 = row.get(1).ok().flatten().unwrap_or_default();
+            let at: Option<TimestampWithTimeZone> = row.get(2).ok().flatten();
+            let columns: Option<Vec<String>> = row.get(14).ok().flatten();
+            let columns_ref: Option<Vec<&str>> = columns
+                .as_ref()
+                .map(|c| c.iter().map(String::as_str).collect());
+            let (operation, status, actor, db_role, session_role) = (
+                text(4).unwrap_or_default(),
+                text(5).unwrap_or_default(),
+                text(9).unwrap_or_default(),
+                text(10).unwrap_or_default(),
+                text(11).unwrap_or_default(),
+            );
+            let (sqlstate, title, table_name, application_name, client_addr) =
+                (text(6), text(7), text(8), text(12), text(13));
+            let (nonce, payload) = (bytes(17), bytes(18));
+            let hash = integrity::row_hash(&EventFields {
+                event_id,
+                at: at.map_or(0, |t| t.into_inner()),
+                txid: row.get::<i64>(3).ok().flatten().unwrap_or_default() as u64,
+                operation: &operation,
+                status: &status,
+                sqlstate: sqlstate.as_deref(),
+                title: title.as_deref(),
+                table_name: table_name.as_deref(),
+                actor: &actor,
+                db_role: &db_role,
+                session_role: &session_role,
+                application_name: application_name.as_deref(),
+                client_addr: client_addr.as_deref(),
+                changed_columns: columns_ref.as_deref(),
+                subject_key_id: row.get(15).ok().flatten(),
+                context_id: row.get(16).ok().flatten(),
+                nonce: nonce.as_deref(),
+                payload: payload.as_deref(),
+            });
+            if bytes(19).as_deref() != Some(&hash[..]) {
+                problems.push(format!(
+                    "event {event_id}: altered (its stored fields do not match its hash)"
+                ));
+            }
+            leaves.push(hash);
+        }
+    }
+    leaves
+}

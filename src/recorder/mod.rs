@@ -1,0 +1,212 @@
+//! Writes events: resolves subject keys in one batch, encrypts each payload
+//! under its subject's key, hashes every stored field for the ledger and
+//! inserts the rows in batches. Capture, reads of the trail and admin
+//! actions all record through here.
+
+mod context;
+mod inserter;
+
+pub use context::StatementContext;
+
+use std::collections::HashMap;
+use std::rc::Rc;
+
+use pgrx::pg_sys;
+use pgrx::pg_sys::Datum;
+use pgrx::PgSqlErrorCode::*;
+use zeroize::Zeroizing;
+
+use crate::crypto::{self, DataKey, DIGEST_LEN, NONCE_LEN};
+use crate::envelope;
+use crate::integrity::{row_hash, EventFields};
+use crate::keyring;
+use crate::store::{self, error::raise};
+use inserter::{text_array, text_datum, EventInserter, EVENT_COLUMNS};
+
+unsafe extern "C-unwind" {
+    fn nextval_internal(relid: pg_sys::Oid, check_permissions: bool) -> i64;
+}
+
+/// Whose event it is.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub enum Subject {
+    /// Nobody's (admin events, rows whose subject is NULL).
+    Nobody,
+    /// The subject with this keyed digest; its live key is used (or created).
+    Digest([u8; DIGEST_LEN]),
+    /// A subject key by id, for events that carry no payload (e.g. its erasure).
+    Key(i64),
+}
+
+/// One event to record, its payload not yet encrypted.
+pub struct Draft {
+    pub subject: Subject,
+    /// `changed_columns`; drafts alike share one list.
+    pub columns: Option<Rc<[String]>>,
+    pub payload: Option<Zeroizing<Vec<u8>>>,
+}
+
+/// What the events of one `record` call have in common.
+pub struct Header<'a> {
+    pub operation: &'a str,
+    pub status: &'a str,
+    pub title: Option<&'a str>,
+    pub table_name: Option<&'a str>,
+}
+
+/// A `changed_columns` list shared by drafts alike, as names and as a datum built once.
+struct ColumnSet<'a> {
+    shared: &'a Rc<[String]>,
+    names: Vec<&'a str>,
+    datum: Datum,
+}
+
+/// Records `drafts`, returns their event ids in order.
+pub fn record(header: &Header<'_>, statement: &StatementContext, drafts: &[Draft]) -> Vec<i64> {
+    unsafe { record_unchecked(header, statement, drafts) }
+}
+
+unsafe fn record_unchecked(
+    header: &Header<'_>,
+    statement: &StatementContext,
+    drafts: &[Draft],
+) -> Vec<i64> {
+    let encrypted = drafts.iter().any(|d| d.payload.is_some());
+    let writer = encrypted.then(keyring::writer_context);
+    let digests: Vec<[u8; DIGEST_LEN]> = drafts
+        .iter()
+        .filter_map(|d| match d.subject {
+            Subject::Digest(digest) => Some(digest),
+            _ => None,
+        })
+        .collect();
+    let subject_keys = keyring::subject_keys(&digests);
+    let mut nonces = Zeroizing::new(vec![0u8; NONCE_LEN * drafts.len()]);
+    crypto::fill_random(&mut nonces)
+        .unwrap_or_else(|e| raise(ERRCODE_INTERNAL_ERROR, e.to_string()));
+
+    let relations = store::relations();
+    let mut inserter = EventInserter::open(relations.event, drafts.len());
+    let text = |s: Option<&str>| s.map(|s| text_datum(s.as_bytes()));
+    // Values shared by every event of the call, as datums built once.
+    let shared = [
+        Some(Datum::from(statement.at)),
+        Some(Datum::from(statement.txid)),
+        text(Some(header.operation)),
+        text(Some(header.status)),
+        text(header.title),
+        text(header.table_name),
+        text(Some(&statement.actor)),
+        text(Some(&statement.db_role)),
+        text(Some(&statement.session_role)),
+        text(statement.application_name.as_deref()),
+        statement
+            .client_addr
+            .as_deref()
+            .map(|a| inserter::inet_datum(a)),
+    ];
+    // Boxed: a DataKey is large, and the map must not move them around as it grows.
+    let mut data_keys: HashMap<i64, Box<DataKey>> = HashMap::with_capacity(subject_keys.len());
+    let no_subject_key = writer.as_ref().map(|w| w.sender.data_key(None));
+    let mut column_sets: Vec<ColumnSet<'_>> = Vec::new();
+    let mut event_ids = Vec::with_capacity(drafts.len());
+
+    for (draft, nonce) in drafts.iter().zip(nonces.chunks_exact(NONCE_LEN)) {
+        let event_id =
+            pg_sys::ffi::pg_guard_ffi_boundary(|| nextval_internal(relations.event_id_seq, false));
+        event_ids.push(event_id);
+        let subject_key = match draft.subject {
+            Subject::Nobody => None,
+            Subject::Digest(digest) => Some(&subject_keys[&digest]),
+            Subject::Key(_) => None,
+        };
+        let subject_key_id = match draft.subject {
+            Subject::Key(id) => Some(id),
+            _ => subject_key.map(|k| k.subject_key_id),
+        };
+        let nonce: &[u8; NONCE_LEN] = nonce.try_into().expect("chunks_exact");
+        let sealed = match (&draft.payload, &writer) {
+            (Some(payload), Some(writer)) => {
+                let key: &DataKey = match subject_key {
+                    Some(k) => data_keys
+                        .entry(k.subject_key_id)
+                        .or_insert_with(|| Box::new(writer.sender.data_key(Some(&k.salt[..])))),
+                    None if draft.subject == Subject::Nobody => {
+                        no_subject_key.as_ref().expect("writer context")
+                    }
+                    None => raise(
+                        ERRCODE_INTERNAL_ERROR,
+                        "an event for a subject key by id carries no payload",
+                    ),
+                };
+                let ciphertext = envelope::seal_event(
+                    key,
+                    nonce,
+                    event_id,
+                    subject_key_id,
+                    writer.context_id,
+                    payload,
+                )
+                .unwrap_or_else(|e| raise(ERRCODE_INTERNAL_ERROR, e.to_string()));
+                Some((writer.context_id, ciphertext))
+            }
+            _ => None,
+        };
+        let columns = draft.columns.as_ref().map(|cols| {
+            column_sets
+                .iter()
+                .position(|set| Rc::ptr_eq(set.shared, cols))
+                .unwrap_or_else(|| {
+                    let names: Vec<&str> = cols.iter().map(String::as_str).collect();
+                    let datum = text_array(&names);
+                    column_sets.push(ColumnSet {
+                        shared: cols,
+                        names,
+                        datum,
+                    });
+                    column_sets.len() - 1
+                })
+        });
+        let fields = EventFields {
+            event_id,
+            at: statement.at,
+            txid: statement.txid,
+            operation: header.operation,
+            status: header.status,
+            sqlstate: None,
+            title: header.title,
+            table_name: header.table_name,
+            actor: &statement.actor,
+            db_role: &statement.db_role,
+            session_role: &statement.session_role,
+            application_name: statement.application_name.as_deref(),
+            client_addr: statement.client_addr.as_deref(),
+            changed_columns: columns.map(|i| &column_sets[i].names[..]),
+            subject_key_id,
+            context_id: sealed.as_ref().map(|s| s.0),
+            nonce: sealed.as_ref().map(|_| &nonce[..]),
+            payload: sealed.as_ref().map(|s| &s.1[..]),
+        };
+        let hash = row_hash(&fields);
+        let columns_datum = columns.map(|i| column_sets[i].datum);
+        inserter.insert(|| {
+            let mut values: [Option<Datum>; EVENT_COLUMNS] = [None; EVENT_COLUMNS];
+            values[0] = Some(Datum::from(event_id));
+            values[1..3].copy_from_slice(&shared[0..2]);
+            values[3..5].copy_from_slice(&shared[2..4]);
+            // values[5]: sqlstate, set for error events only.
+            values[6..13].copy_from_slice(&shared[4..11]);
+            values[13] = columns_datum;
+            values[14] = subject_key_id.map(Datum::from);
+            if let Some((context_id, ciphertext)) = &sealed {
+                values[15] = Some(Datum::from(*context_id));
+                values[16] = Some(text_datum(nonce));
+                values[17] = Some(text_datum(ciphertext));
+            }
+            values[18] = Some(text_datum(&hash));
+            values
+        });
+    }
+    inserter.close();
+    event_ids
+}
