@@ -39,7 +39,10 @@ struct Cached<T> {
 #[derive(Default)]
 struct WriterState {
     context: Option<Cached<Rc<WriterContext>>>,
-    subjects: HashMap<[u8; DIGEST_LEN], Cached<SubjectKey>>,
+    subjects: HashMap<[u8; DIGEST_LEN], SubjectKey>,
+    /// Subjects cached since the transaction began, with the subtransaction
+    /// that cached them: only these need attention at commit or abort.
+    pending_subjects: Vec<([u8; DIGEST_LEN], pg_sys::SubTransactionId)>,
     digester: Option<SubjectDigester>,
     /// OIDs of the tables whose invalidation clears the caches above.
     watched: Option<(pg_sys::Oid, pg_sys::Oid)>,
@@ -96,6 +99,7 @@ pub fn writer_context() -> Rc<WriterContext> {
         let mut w = w.borrow_mut();
         // Subject keys are derived per context: a new context starts them over.
         w.subjects.clear();
+        w.pending_subjects.clear();
         w.context = Some(Cached {
             value: ctx.clone(),
             since: current_subxact(),
@@ -136,8 +140,8 @@ pub fn subject_keys(digests: &[[u8; DIGEST_LEN]]) -> HashMap<[u8; DIGEST_LEN], S
         let w = w.borrow();
         for d in digests {
             match w.subjects.get(d) {
-                Some(c) => {
-                    found.insert(*d, c.value.clone());
+                Some(key) => {
+                    found.insert(*d, key.clone());
                 }
                 None => {
                     missing.insert(*d);
@@ -159,20 +163,15 @@ pub fn subject_keys(digests: &[[u8; DIGEST_LEN]]) -> HashMap<[u8; DIGEST_LEN], S
     if !new.is_empty() {
         loaded.extend(create_subject_keys(&new));
     }
-    let since = current_subxact();
+    let since = current_subxact().unwrap_or_default();
     WRITER.with(|w| {
         let mut w = w.borrow_mut();
         if w.subjects.len() + loaded.len() > MAX_SUBJECTS {
             w.subjects.clear();
         }
         for (d, key) in &loaded {
-            w.subjects.insert(
-                *d,
-                Cached {
-                    value: key.clone(),
-                    since,
-                },
-            );
+            w.subjects.insert(*d, key.clone());
+            w.pending_subjects.push((*d, since));
         }
     });
     found.extend(loaded);
@@ -207,62 +206,101 @@ const LOAD_SUBJECT_KEYS: &str = "SELECT k.subject_digest, k.subject_key_id, k.sa
      FROM subject_audit.subject_key k \
      WHERE k.subject_digest OPERATOR(pg_catalog.=) ANY ($1) AND k.erased_at IS NULL";
 
+const LOAD_SUBJECT_KEY: &str = "SELECT k.subject_digest, k.subject_key_id, k.salt \
+     FROM subject_audit.subject_key k \
+     WHERE k.subject_digest OPERATOR(pg_catalog.=) $1 AND k.erased_at IS NULL";
+
 const CREATE_SUBJECT_KEYS: &str = "INSERT INTO subject_audit.subject_key AS k (subject_digest, salt) \
      SELECT d, s FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.bytea[]), pg_catalog.unnest($2::pg_catalog.bytea[])) AS u(d, s) \
      ON CONFLICT (subject_digest) WHERE erased_at IS NULL \
      DO UPDATE SET subject_digest = excluded.subject_digest \
      RETURNING k.subject_digest, k.subject_key_id, k.salt";
 
-/// Up to this many subjects a statement uses a plan prepared once per
-/// backend (index probes); beyond it, a plan made for the actual batch (for
-/// thousands of subjects the planner picks a hashed scan instead).
-const PREPARED_BATCH: usize = 32;
+const CREATE_SUBJECT_KEY: &str =
+    "INSERT INTO subject_audit.subject_key AS k (subject_digest, salt) VALUES ($1, $2) \
+     ON CONFLICT (subject_digest) WHERE erased_at IS NULL \
+     DO UPDATE SET subject_digest = excluded.subject_digest \
+     RETURNING k.subject_digest, k.subject_key_id, k.salt";
 
-/// Runs `query` (as the extension owner) with bytea-array arguments and
-/// collects the subject keys it returns.
+/// Up to this many subjects a statement runs a one-subject statement per
+/// subject, prepared once per backend (its generic plan is an index probe,
+/// never replanned); beyond it, one statement for the whole batch, planned
+/// for it (for thousands of subjects the planner picks a hashed scan).
+const PER_SUBJECT_BATCH: usize = 16;
+
+fn subject_key_error(e: pgrx::spi::SpiError) -> ! {
+    raise(
+        ERRCODE_INTERNAL_ERROR,
+        format!("could not read or create subject keys: {e}"),
+    )
+}
+
+/// Runs `batch_query` with bytea-array arguments once, or `single_query`
+/// with bytea arguments once per row of them, as the extension owner.
 fn run_subject_key_query(
-    query: &'static str,
-    args: Vec<Vec<Vec<u8>>>,
-    batch: usize,
+    batch_query: &'static str,
+    single_query: &'static str,
+    columns: Vec<Vec<Vec<u8>>>,
 ) -> HashMap<[u8; DIGEST_LEN], SubjectKey> {
+    let rows = columns.first().map_or(0, Vec::len);
     store::as_owner(|| {
         Spi::connect_mut(|client| {
-            let args: Vec<pgrx::datum::DatumWithOid> = args.into_iter().map(Into::into).collect();
-            let table = if batch <= PREPARED_BATCH {
-                let types = vec![PgOid::BuiltIn(PgBuiltInOids::BYTEAARRAYOID); args.len()];
-                let plan = store::prepared(client, query, &types);
-                client.update(&*plan, None, &args)
+            let mut keys = HashMap::with_capacity(rows);
+            if rows <= PER_SUBJECT_BATCH {
+                let types = vec![PgOid::BuiltIn(PgBuiltInOids::BYTEAOID); columns.len()];
+                let plan = store::prepared(client, single_query, &types);
+                for row in 0..rows {
+                    let args: Vec<pgrx::datum::DatumWithOid> =
+                        columns.iter().map(|c| c[row].as_slice().into()).collect();
+                    let table = client
+                        .update(&*plan, None, &args)
+                        .unwrap_or_else(|e| subject_key_error(e));
+                    keys.extend(collect_keys(table));
+                }
             } else {
-                client.update(query, None, &args)
-            };
-            table.map(collect_keys)
+                let args: Vec<pgrx::datum::DatumWithOid> =
+                    columns.into_iter().map(Into::into).collect();
+                let table = client
+                    .update(batch_query, None, &args)
+                    .unwrap_or_else(|e| subject_key_error(e));
+                keys.extend(collect_keys(table));
+            }
+            keys
         })
-    })
-    .unwrap_or_else(|e| {
-        raise(
-            ERRCODE_INTERNAL_ERROR,
-            format!("could not read or create subject keys: {e}"),
-        )
     })
 }
 
 fn load_subject_keys(digests: &[[u8; DIGEST_LEN]]) -> HashMap<[u8; DIGEST_LEN], SubjectKey> {
-    let arg = digests.iter().map(|d| d.to_vec()).collect::<Vec<_>>();
-    run_subject_key_query(LOAD_SUBJECT_KEYS, vec![arg], digests.len())
+    if digests.len() <= PER_SUBJECT_BATCH {
+        return store::probe_live_subject_keys(digests)
+            .into_iter()
+            .map(|(digest, id, salt)| {
+                (
+                    digest,
+                    SubjectKey {
+                        subject_key_id: id,
+                        salt: Rc::new(Zeroizing::new(salt)),
+                    },
+                )
+            })
+            .collect();
+    }
+    let digests = digests.iter().map(|d| d.to_vec()).collect::<Vec<_>>();
+    run_subject_key_query(LOAD_SUBJECT_KEYS, LOAD_SUBJECT_KEY, vec![digests])
 }
 
 fn create_subject_keys(digests: &[[u8; DIGEST_LEN]]) -> HashMap<[u8; DIGEST_LEN], SubjectKey> {
     let mut salts = Zeroizing::new(vec![0u8; 32 * digests.len()]);
     crypto::fill_random(&mut salts)
         .unwrap_or_else(|e| raise(ERRCODE_INTERNAL_ERROR, e.to_string()));
-    let digest_arg = digests.iter().map(|d| d.to_vec()).collect::<Vec<_>>();
-    let salt_arg = salts.chunks(32).map(<[u8]>::to_vec).collect::<Vec<_>>();
+    let digests = digests.iter().map(|d| d.to_vec()).collect::<Vec<_>>();
+    let salts = salts.chunks(32).map(<[u8]>::to_vec).collect::<Vec<_>>();
     // A concurrent writer may create the same subject first: then its salt
     // wins and is returned here (DO UPDATE, because DO NOTHING returns no row).
     run_subject_key_query(
         CREATE_SUBJECT_KEYS,
-        vec![digest_arg, salt_arg],
-        digests.len(),
+        CREATE_SUBJECT_KEY,
+        vec![digests, salts],
     )
 }
 
@@ -272,22 +310,37 @@ pub(super) fn on_commit() {
         if let Some(c) = w.context.as_mut() {
             c.since = None;
         }
-        w.subjects.values_mut().for_each(|c| c.since = None);
+        w.pending_subjects.clear();
     });
 }
 
-/// Drops what the aborted (sub)transaction created: subtransaction ids grow
-/// within a transaction, so that is every entry at or after `subid`
+/// Drops what the aborted (sub)transaction cached: subtransaction ids grow
+/// within a transaction, so that is every entry cached at or after `subid`
 /// (`InvalidSubTransactionId`, 0, for a whole transaction).
 pub(super) fn on_abort(subid: pg_sys::SubTransactionId) {
-    let created_since = |since: Option<pg_sys::SubTransactionId>| since.is_some_and(|s| s >= subid);
     WRITER.with(|w| {
         let mut w = w.borrow_mut();
-        if w.context.as_ref().is_some_and(|c| created_since(c.since)) {
+        if w.context
+            .as_ref()
+            .is_some_and(|c| c.since.is_some_and(|s| s >= subid))
+        {
             w.context = None;
             w.subjects.clear();
+            w.pending_subjects.clear();
+            return;
         }
-        w.subjects.retain(|_, c| !created_since(c.since));
+        let WriterState {
+            subjects,
+            pending_subjects,
+            ..
+        } = &mut *w;
+        pending_subjects.retain(|(digest, since)| {
+            let aborted = *since >= subid;
+            if aborted {
+                subjects.remove(digest);
+            }
+            !aborted
+        });
     });
 }
 
@@ -303,11 +356,13 @@ pub(super) fn on_relation_invalidated(relid: pg_sys::Oid) {
             // next write sets up a new context.
             w.context = None;
             w.subjects.clear();
+            w.pending_subjects.clear();
             w.digester = None;
         }
         if all || relid == subject_key {
             // A subject was erased somewhere: never encrypt under its old salt again.
             w.subjects.clear();
+            w.pending_subjects.clear();
         }
     });
 }

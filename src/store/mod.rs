@@ -20,6 +20,8 @@ pub struct Relations {
     pub event: Oid,
     pub event_id_seq: Oid,
     pub subject_key: Oid,
+    /// Unique index on the digest of live (not erased) subject keys.
+    pub subject_key_live: Oid,
     pub writer_key: Oid,
     pub writer_context: Oid,
     pub tracked_table: Oid,
@@ -96,6 +98,7 @@ unsafe fn lookup_relations() -> Relations {
         event,
         event_id_seq: rel(c"event_event_id_seq"),
         subject_key: rel(c"subject_key"),
+        subject_key_live: rel(c"subject_key_live"),
         writer_key: rel(c"writer_key"),
         writer_context: rel(c"writer_context"),
         tracked_table: rel(c"tracked_table"),
@@ -146,6 +149,58 @@ pub fn as_owner<R>(f: impl FnOnce() -> R) -> R {
     let result = f();
     unsafe { pg_sys::SetUserIdAndSecContext(saved_user, saved_context) };
     result
+}
+
+/// The live key (id and salt) of each subject in `digests` that has one,
+/// by direct probes of the `subject_key_live` index under a fresh snapshot:
+/// no SPI, no plan, for the few subjects of an ordinary statement.
+pub fn probe_live_subject_keys(digests: &[[u8; 32]]) -> Vec<([u8; 32], i64, [u8; 32])> {
+    let r = relations();
+    let mut found = Vec::with_capacity(digests.len());
+    unsafe {
+        let heap = pg_sys::table_open(r.subject_key, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+        let index = pg_sys::index_open(
+            r.subject_key_live,
+            pg_sys::AccessShareLock as pg_sys::LOCKMODE,
+        );
+        let snapshot = pg_sys::RegisterSnapshot(pg_sys::GetTransactionSnapshot());
+        let slot = pg_sys::table_slot_create(heap, std::ptr::null_mut());
+        let scan = pg_sys::index_beginscan(heap, index, snapshot, 1, 0);
+        for digest in digests {
+            let key_datum =
+                pg_sys::Datum::from(pg_sys::cstring_to_text_with_len(digest.as_ptr().cast(), 32));
+            let mut key: pg_sys::ScanKeyData = std::mem::zeroed();
+            pg_sys::ScanKeyInit(
+                &mut key,
+                1,
+                pg_sys::BTEqualStrategyNumber as u16,
+                pg_sys::F_BYTEAEQ.into(),
+                key_datum,
+            );
+            pg_sys::index_rescan(scan, &mut key, 1, std::ptr::null_mut(), 0);
+            if pg_sys::index_getnext_slot(scan, pg_sys::ScanDirection::ForwardScanDirection, slot) {
+                pg_sys::slot_getallattrs(slot);
+                // subject_key columns: subject_key_id, subject_digest, salt, ...
+                let values = (*slot).tts_values;
+                let nulls = (*slot).tts_isnull;
+                if !*nulls.add(0) && !*nulls.add(2) {
+                    let id = (*values.add(0)).value() as i64;
+                    let salt =
+                        pgrx::varlena::varlena_to_byte_slice((*values.add(2)).cast_mut_ptr());
+                    if let Ok(salt) = <[u8; 32]>::try_from(salt) {
+                        found.push((*digest, id, salt));
+                    }
+                }
+                pg_sys::ExecClearTuple(slot);
+            }
+        }
+        pg_sys::index_endscan(scan);
+        pg_sys::ExecDropSingleTupleTableSlot(slot);
+        pg_sys::UnregisterSnapshot(snapshot);
+        pg_sys::index_close(index, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+        pg_sys::table_close(heap, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+    }
+    found
 }
 
 /// A string setting, `None` when unset or empty.
