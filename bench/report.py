@@ -123,6 +123,7 @@ def main():
             "writer_sessions_per_subject": r.get("writer_sessions"),
         })
     f_recs = [r for r in records if r["workload"] == "f_bytes_per_event"]
+    g_recs = [r for r in records if r["workload"] in ("g_ledger", "h_keys")]
 
     os.makedirs(a.out, exist_ok=True)
     json.dump({"meta": meta, "summary": summary, "ratios": ratios, "e_read": e_summary,
@@ -217,6 +218,16 @@ def main():
               f"{e['writer_sessions_per_subject']} |")
     w("")
 
+    if g_recs:
+        w("## (g) ledger and (h) keyring — ms (lower is better)")
+        w("")
+        w("| measurement | events stored | ms |")
+        w("|---|---:|---:|")
+        for r in g_recs:
+            what = {"seal": "`seal()` of all unsealed events", "verify": "`verify()` of the whole ledger"}.get(
+                r.get("what"), f"new session: `unlock()` + first `audit_for_subject()` with {r.get('keys')} keys installed")
+            w(f"| {what} | {r['events']:,} | {fmt(r['value'], 'ms')} |")
+        w("")
     w("## (f) audit storage — bytes per event (lower is better)")
     w("")
     if not f_recs:
