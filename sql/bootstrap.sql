@@ -41,8 +41,9 @@ CREATE TABLE subject_audit.subject_key (
     erased_at timestamptz,
     CHECK ((salt IS NULL) = (erased_at IS NOT NULL))
 );
-CREATE UNIQUE INDEX subject_key_live ON subject_audit.subject_key (subject_digest) WHERE erased_at IS NULL;
-CREATE INDEX subject_key_digest ON subject_audit.subject_key (subject_digest);
+-- One index serves every lookup: a subject's live key (erased_at NULL, at most
+-- one: NULLS NOT DISTINCT) and all its keys (the digest prefix).
+CREATE UNIQUE INDEX subject_key_digest ON subject_audit.subject_key (subject_digest, erased_at) NULLS NOT DISTINCT;
 
 CREATE TABLE subject_audit.tracked_table (
     relid regclass PRIMARY KEY,

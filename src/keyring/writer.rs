@@ -212,13 +212,13 @@ const LOAD_SUBJECT_KEY: &str = "SELECT k.subject_digest, k.subject_key_id, k.sal
 
 const CREATE_SUBJECT_KEYS: &str = "INSERT INTO subject_audit.subject_key AS k (subject_digest, salt) \
      SELECT d, s FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.bytea[]), pg_catalog.unnest($2::pg_catalog.bytea[])) AS u(d, s) \
-     ON CONFLICT (subject_digest) WHERE erased_at IS NULL \
+     ON CONFLICT (subject_digest, erased_at) \
      DO UPDATE SET subject_digest = excluded.subject_digest \
      RETURNING k.subject_digest, k.subject_key_id, k.salt";
 
 const CREATE_SUBJECT_KEY: &str =
     "INSERT INTO subject_audit.subject_key AS k (subject_digest, salt) VALUES ($1, $2) \
-     ON CONFLICT (subject_digest) WHERE erased_at IS NULL \
+     ON CONFLICT (subject_digest, erased_at) \
      DO UPDATE SET subject_digest = excluded.subject_digest \
      RETURNING k.subject_digest, k.subject_key_id, k.salt";
 

@@ -17,7 +17,7 @@ fn forget_subject(token: &str) -> i64 {
     let digest = keyring::subject_digest(token.as_bytes()).to_vec();
     let erased = store::as_owner(|| {
         Spi::get_one_with_args::<Vec<i64>>(
-            "WITH e AS (UPDATE subject_audit.subject_key SET salt = NULL, erased_at = pg_catalog.now() \
+            "WITH e AS (UPDATE subject_audit.subject_key SET salt = NULL, erased_at = pg_catalog.clock_timestamp() \
              WHERE subject_digest OPERATOR(pg_catalog.=) $1 AND erased_at IS NULL RETURNING subject_key_id) \
              SELECT pg_catalog.array_agg(subject_key_id) FROM e",
             &[digest.clone().into()],

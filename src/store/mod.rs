@@ -20,8 +20,8 @@ pub struct Relations {
     pub event: Oid,
     pub event_id_seq: Oid,
     pub subject_key: Oid,
-    /// Unique index on the digest of live (not erased) subject keys.
-    pub subject_key_live: Oid,
+    /// Unique index on (subject_digest, erased_at), NULLS NOT DISTINCT.
+    pub subject_key_digest: Oid,
     pub writer_key: Oid,
     pub writer_context: Oid,
     pub tracked_table: Oid,
@@ -98,7 +98,7 @@ unsafe fn lookup_relations() -> Relations {
         event,
         event_id_seq: rel(c"event_event_id_seq"),
         subject_key: rel(c"subject_key"),
-        subject_key_live: rel(c"subject_key_live"),
+        subject_key_digest: rel(c"subject_key_digest"),
         writer_key: rel(c"writer_key"),
         writer_context: rel(c"writer_context"),
         tracked_table: rel(c"tracked_table"),
@@ -152,7 +152,7 @@ pub fn as_owner<R>(f: impl FnOnce() -> R) -> R {
 }
 
 /// The live key (id and salt) of each subject in `digests` that has one,
-/// by direct probes of the `subject_key_live` index under a fresh snapshot:
+/// by direct probes of the `subject_key_digest` index under a fresh snapshot:
 /// no SPI, no plan, for the few subjects of an ordinary statement.
 pub fn probe_live_subject_keys(digests: &[[u8; 32]]) -> Vec<([u8; 32], i64, [u8; 32])> {
     let r = relations();
@@ -160,7 +160,7 @@ pub fn probe_live_subject_keys(digests: &[[u8; 32]]) -> Vec<([u8; 32], i64, [u8;
     unsafe {
         let heap = pg_sys::table_open(r.subject_key, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
         let index = pg_sys::index_open(
-            r.subject_key_live,
+            r.subject_key_digest,
             pg_sys::AccessShareLock as pg_sys::LOCKMODE,
         );
         let snapshot = pg_sys::RegisterSnapshot(pg_sys::GetTransactionSnapshot());
