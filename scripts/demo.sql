@@ -59,4 +59,6 @@ SELECT event_id, operation, description, actor, before, after
 FROM subject_audit.audit_for_subject('6f1c1f2e-4c5a-4d7e-9a5b-1f2e3d4c5b6a');
 
 \echo '== 7. The drill-down of one change'
-SELECT * FROM subject_audit.audit_event('6f1c1f2e-4c5a-4d7e-9a5b-1f2e3d4c5b6a', 3);
+SELECT event_id AS change_id FROM subject_audit.audit_for_subject('6f1c1f2e-4c5a-4d7e-9a5b-1f2e3d4c5b6a')
+WHERE operation = 'UPDATE' \gset
+SELECT * FROM subject_audit.audit_event('6f1c1f2e-4c5a-4d7e-9a5b-1f2e3d4c5b6a', :change_id);
