@@ -85,20 +85,29 @@ pub extern "C-unwind" fn _PG_init() {
 }
 
 /// Takes the keys out of the new value and replaces it with the mask, so the
-/// key is kept neither in the GUC table nor anywhere SHOW could reach. Never
-/// fails: a failing check would print the value in the error and the log.
+/// key is kept neither in the GUC table nor anywhere SHOW could reach.
+/// Accepted only from the connection's startup options or a SET in the
+/// session: anywhere else (postgresql.conf, ALTER ROLE/DATABASE/SYSTEM) the
+/// key would be stored, readable by others, or unlock every session. A
+/// malformed key is reported on first use; errors here never repeat the value.
 #[pg_guard]
 unsafe extern "C-unwind" fn check_session_key(
     newval: *mut *mut c_char,
     _extra: *mut *mut c_void,
-    _source: pg_sys::GucSource::Type,
+    source: pg_sys::GucSource::Type,
 ) -> bool {
     if newval.is_null() || (*newval).is_null() {
         return true;
     }
     let raw = CStr::from_ptr(*newval);
-    if raw.is_empty() || raw == SESSION_KEY_MASK {
+    if raw.is_empty() || raw == SESSION_KEY_MASK || source == pg_sys::GucSource::PGC_S_DEFAULT {
         return true;
+    }
+    if source != pg_sys::GucSource::PGC_S_CLIENT && source != pg_sys::GucSource::PGC_S_SESSION {
+        pg_sys::GUC_check_errmsg_string = pg_sys::pstrdup(
+            c"subject_audit.session_key is accepted only in connection startup options or SET, never stored".as_ptr(),
+        );
+        return false;
     }
     keyring::stash_from_setting(&raw.to_string_lossy());
     let mask = libc::strdup(SESSION_KEY_MASK.as_ptr());

@@ -57,6 +57,10 @@ END $$;
 SELECT needle, pg_temp.audit_rows_containing(needle) AS rows_containing_it
 FROM unnest(ARRAY['zoe@example.org', 'yan@example.org', 'Quartermaine', 'Oduya', 'likes tea', 'VIP',
                   'public.people']) AS needle;
+-- ... and the hex branch finds bytes hidden in a bytea (control table, dropped again).
+CREATE TABLE subject_audit.search_control AS SELECT convert_to('hidden@example.org', 'UTF8') AS b;
+SELECT pg_temp.audit_rows_containing('hidden@example.org') AS control_hits;
+DROP TABLE subject_audit.search_control;
 
 -- 2. Decryption needs an unlocked, matching key.
 SELECT count(*) FROM subject_audit.audit_for_subject('zoe@example.org');
@@ -91,6 +95,23 @@ UPDATE subject_audit.event SET payload = set_byte(payload, 5, get_byte(payload, 
 SELECT count(*) FROM subject_audit.audit_for_subject('zoe@example.org');
 UPDATE subject_audit.event e SET nonce = s.nonce, payload = s.payload FROM saved s WHERE e.event_id = s.event_id;
 SELECT count(*) AS zoe_events_readable_again FROM subject_audit.audit_for_subject('zoe@example.org');
+-- (d) the same event, only re-attributed to Yan's subject key
+BEGIN;
+UPDATE subject_audit.event SET subject_key_id = (SELECT subject_key_id FROM subject_audit.event WHERE event_id = :yan_1)
+WHERE event_id = :zoe_2;
+SELECT count(*) FROM subject_audit.audit_for_subject('yan@example.org');
+ROLLBACK;
+-- (e) the subject keys themselves swapped between Zoë and Yan: Zoë must not be shown Yan's trail
+BEGIN;
+SELECT subject_key_id AS zoe_key, subject_digest AS zoe_digest FROM subject_audit.subject_key
+WHERE subject_key_id = (SELECT subject_key_id FROM subject_audit.event WHERE event_id = :zoe_1) \gset
+SELECT subject_key_id AS yan_key, subject_digest AS yan_digest FROM subject_audit.subject_key
+WHERE subject_key_id = (SELECT subject_key_id FROM subject_audit.event WHERE event_id = :yan_1) \gset
+UPDATE subject_audit.subject_key SET subject_digest = '\x00' WHERE subject_key_id = :zoe_key;
+UPDATE subject_audit.subject_key SET subject_digest = :'zoe_digest' WHERE subject_key_id = :yan_key;
+UPDATE subject_audit.subject_key SET subject_digest = :'yan_digest' WHERE subject_key_id = :zoe_key;
+SELECT count(*) FROM subject_audit.audit_for_subject('zoe@example.org');
+ROLLBACK;
 RESET session_replication_role;
 
 -- 4. Each subject has its own key (salt); nothing of Yan's decrypts as Zoë's.

@@ -24,6 +24,8 @@ SELECT count(*) AS listed_in_pg_settings FROM pg_settings WHERE name = 'subject_
 SELECT event_id, operation, after FROM subject_audit.audit_for_subject('t-1');
 SELECT subject_audit.lock();
 SELECT count(*) FROM subject_audit.audit_for_subject('t-1');
+-- Never stored: not per role, not per database (the value is not echoed).
+ALTER ROLE reader SET subject_audit.session_key = 'abababababababababababababababababababababababababababababababab';
 \c :with_malformed_key
 SELECT count(*) FROM subject_audit.audit_for_subject('t-1');
 -- A superuser session unlocked the same way sees only the mask.

@@ -34,7 +34,17 @@ SELECT count(*) FROM subject_audit.audit_for_subject('ada');
 SELECT dblink_connect('w', format('dbname=%s host=%s port=%s', current_database(),
                                   current_setting('unix_socket_directories'), current_setting('port')));
 SELECT dblink_exec('w', $$UPDATE users SET email = 'ada@cached.example' WHERE id = 1$$);
+-- A REPEATABLE READ writer whose snapshot predates the erasure.
+SELECT dblink_connect('rr', format('dbname=%s host=%s port=%s', current_database(),
+                                   current_setting('unix_socket_directories'), current_setting('port')));
+SELECT dblink_exec('rr', 'BEGIN ISOLATION LEVEL REPEATABLE READ');
+SELECT dblink_exec('rr', $$UPDATE users SET email = 'ben@rr.example' WHERE id = 2$$);
 SELECT subject_audit.forget_subject('ada') AS events_of_ada;
+-- Inside its old snapshot it may still see ada's old salt; after its commit it must not keep it.
+SELECT dblink_exec('rr', $$UPDATE users SET email = 'ada@rr.example' WHERE id = 1$$);
+SELECT dblink_exec('rr', 'COMMIT');
+SELECT dblink_exec('rr', $$UPDATE users SET email = 'ada@after-rr.example' WHERE id = 1$$);
+SELECT dblink_disconnect('rr');
 SELECT subject_audit.forget_subject('nobody we know') AS events_of_nobody;
 -- The other session writes again: never under the erased salt.
 SELECT dblink_exec('w', $$UPDATE users SET email = 'ada@after.example' WHERE id = 1$$);

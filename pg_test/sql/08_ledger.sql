@@ -77,6 +77,12 @@ SELECT subject_audit.seal() > 0 AS resealed;
 SELECT ok, problems FROM subject_audit.verify();
 SELECT ok, problems FROM subject_audit.verify(:'cp');
 ROLLBACK;
+-- 7. A subject key re-labelled as another subject's (its digest changed).
+BEGIN;
+UPDATE subject_audit.subject_key SET subject_digest = '\x00'
+WHERE subject_key_id = (SELECT subject_key_id FROM subject_audit.event WHERE event_id = 3);
+SELECT ok, problems[1] FROM subject_audit.verify();
+ROLLBACK;
 RESET session_replication_role;
 SELECT ok, problems FROM subject_audit.verify('not a checkpoint');
 

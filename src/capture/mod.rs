@@ -21,6 +21,9 @@ use crate::recorder::{self, Draft, Header, StatementContext, Subject};
 use crate::store::error::raise;
 use table_meta::{Column, TableMeta};
 
+/// Events recorded per chunk of a large statement.
+const CHUNK: usize = 10_000;
+
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Operation {
     Insert,
@@ -99,7 +102,20 @@ pub unsafe fn on_statement(trigger: &pg_sys::TriggerData) {
         pg_sys::ALLOCSET_DEFAULT_MAXSIZE as usize,
     );
     let all_columns: Rc<[String]> = meta.columns.iter().map(|c| c.name.clone()).collect();
+    let header = Header {
+        operation: operation.as_str(),
+        status: "ok",
+        title: None,
+        table_name: Some(&meta.name),
+    };
     let mut events = Vec::new();
+    // A huge statement is recorded in chunks, so memory stays bounded.
+    let flush_full = |events: &mut Vec<Draft>| {
+        if events.len() >= CHUNK {
+            recorder::record(&header, &statement, events);
+            events.clear();
+        }
+    };
     let in_row_memory = |f: &mut dyn FnMut()| {
         let previous = pg_sys::MemoryContextSwitchTo(row_memory);
         f();
@@ -134,6 +150,7 @@ pub unsafe fn on_statement(trigger: &pg_sys::TriggerData) {
                         payload: Some(payload.finish().into()),
                     });
                 });
+                flush_full(&mut events);
             }
             reader.finish();
         }
@@ -190,6 +207,7 @@ pub unsafe fn on_statement(trigger: &pg_sys::TriggerData) {
                         payload: Some(payload.into()),
                     });
                 });
+                flush_full(&mut events);
             }
             old.finish();
             new.finish();
@@ -197,12 +215,6 @@ pub unsafe fn on_statement(trigger: &pg_sys::TriggerData) {
     }
     pg_sys::MemoryContextDelete(row_memory);
     if !events.is_empty() {
-        let header = Header {
-            operation: operation.as_str(),
-            status: "ok",
-            title: None,
-            table_name: Some(&meta.name),
-        };
         recorder::record(&header, &statement, &events);
     }
 }
@@ -237,7 +249,7 @@ impl TransitionReader {
             );
         }
         let slot = pg_sys::MakeSingleTupleTableSlot(tupdesc, &pg_sys::TTSOpsMinimalTuple);
-        let pointer = pg_sys::tuplestore_alloc_read_pointer(store, 0);
+        let pointer = pg_sys::tuplestore_alloc_read_pointer(store, pg_sys::EXEC_FLAG_REWIND as i32);
         pg_sys::tuplestore_select_read_pointer(store, pointer);
         pg_sys::tuplestore_rescan(store);
         let row = Row {

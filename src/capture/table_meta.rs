@@ -39,6 +39,8 @@ impl Drop for TableMeta {
 
 thread_local! {
     static TABLES: RefCell<HashMap<pg_sys::Oid, Rc<TableMeta>>> = RefCell::new(HashMap::new());
+    /// Bumped by every invalidation: metadata built while it moved is not cached.
+    static GENERATION: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
 }
 
 pub fn get(relation: pg_sys::Relation) -> Rc<TableMeta> {
@@ -46,12 +48,20 @@ pub fn get(relation: pg_sys::Relation) -> Rc<TableMeta> {
     if let Some(meta) = TABLES.with(|t| t.borrow().get(&relid).cloned()) {
         return meta;
     }
+    let seen = GENERATION.with(std::cell::Cell::get);
     let meta = Rc::new(unsafe { build(relation) });
-    TABLES.with(|t| t.borrow_mut().insert(relid, meta.clone()));
+    // Under REPEATABLE READ the tracking settings were read in an old
+    // snapshot: good for this transaction, not for the next one.
+    let transaction_snapshot =
+        unsafe { pg_sys::XactIsoLevel } >= pg_sys::XACT_REPEATABLE_READ as i32;
+    if !transaction_snapshot && GENERATION.with(std::cell::Cell::get) == seen {
+        TABLES.with(|t| t.borrow_mut().insert(relid, meta.clone()));
+    }
     meta
 }
 
 pub fn on_relation_invalidated(relid: pg_sys::Oid) {
+    GENERATION.with(|g| g.set(g.get() + 1));
     TABLES.with(|t| {
         let mut t = t.borrow_mut();
         if relid == pg_sys::InvalidOid {

@@ -22,6 +22,9 @@ pub struct EventFields<'a> {
     pub client_addr: Option<&'a str>,
     pub changed_columns: Option<&'a [&'a str]>,
     pub subject_key_id: Option<i64>,
+    /// The keyed digest of that subject key (kept in `subject_key`): covering
+    /// it means a subject key re-labelled as someone else's is caught.
+    pub subject_digest: Option<&'a [u8]>,
     pub context_id: Option<i64>,
     pub nonce: Option<&'a [u8]>,
     pub payload: Option<&'a [u8]>,
@@ -63,9 +66,18 @@ pub fn row_hash(f: &EventFields<'_>) -> [u8; 32] {
             }
         }
     }
-    for id in [f.subject_key_id, f.context_id] {
-        put_opt(&mut buf, id.map(i64::to_be_bytes).as_ref().map(|b| &b[..]));
-    }
+    put_opt(
+        &mut buf,
+        f.subject_key_id
+            .map(i64::to_be_bytes)
+            .as_ref()
+            .map(|b| &b[..]),
+    );
+    put_opt(&mut buf, f.subject_digest);
+    put_opt(
+        &mut buf,
+        f.context_id.map(i64::to_be_bytes).as_ref().map(|b| &b[..]),
+    );
     put_opt(&mut buf, f.nonce);
     put_opt(&mut buf, f.payload);
     sha256(&[&buf])
@@ -103,6 +115,7 @@ mod tests {
             client_addr: None,
             changed_columns: Some(&["email"]),
             subject_key_id: Some(1),
+            subject_digest: Some(&[3; 32]),
             context_id: Some(1),
             nonce: Some(&[0; 12]),
             payload: Some(b"ct"),
@@ -130,6 +143,7 @@ mod tests {
             Box::new(|f| f.changed_columns = Some(&["phone"])),
             Box::new(|f| f.changed_columns = None),
             Box::new(|f| f.subject_key_id = Some(2)),
+            Box::new(|f| f.subject_digest = Some(&[4; 32])),
             Box::new(|f| f.context_id = None),
             Box::new(|f| f.nonce = Some(&[1; 12])),
             Box::new(|f| f.payload = Some(b"cu")),
@@ -313,6 +327,7 @@ mod cost {
                 client_addr: None,
                 changed_columns: Some(&columns),
                 subject_key_id: Some(42),
+                subject_digest: Some(&[3; 32]),
                 context_id: Some(1),
                 nonce: Some(&[0; 12]),
                 payload: Some(&payload),

@@ -21,7 +21,7 @@ pub use writer::{subject_digest, subject_keys, writer_context};
 use pgrx::pg_sys;
 
 /// `InvalidSubTransactionId`: an abort of the whole transaction.
-const INVALID_SUBTRANSACTION_ID: pg_sys::SubTransactionId = 0;
+pub(crate) const INVALID_SUBTRANSACTION_ID: pg_sys::SubTransactionId = 0;
 
 static mut PREVIOUS_PROCESS_UTILITY: pg_sys::ProcessUtility_hook_type = None;
 
@@ -37,7 +37,6 @@ pub fn init() {
         );
         pg_sys::RegisterXactCallback(Some(on_xact_event), std::ptr::null_mut());
         pg_sys::RegisterSubXactCallback(Some(on_subxact_event), std::ptr::null_mut());
-        pg_sys::on_proc_exit(Some(on_backend_exit), pg_sys::Datum::from(0));
     }
 }
 
@@ -121,10 +120,4 @@ unsafe extern "C-unwind" fn on_subxact_event(
     if event == pg_sys::SubXactEvent::SUBXACT_EVENT_ABORT_SUB {
         writer::on_abort(my_subid);
     }
-}
-
-#[pgrx::pg_guard]
-unsafe extern "C-unwind" fn on_backend_exit(_code: i32, _arg: pg_sys::Datum) {
-    session::wipe();
-    writer::wipe();
 }

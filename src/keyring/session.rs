@@ -15,9 +15,13 @@ use crate::store::{self, error::raise, error::raise_with_hint};
 /// More receiver contexts than this and the cache starts over.
 const MAX_RECEIVERS: usize = 10_000;
 
+/// Keys live in boxes: moving a key moves a pointer, so no stray copy of the
+/// key is left behind in freed memory when vectors grow.
+type SecretKey = Box<Zeroizing<[u8; KEY_LEN]>>;
+
 struct UnlockedKey {
     key_id: i32,
-    private_key: Zeroizing<[u8; KEY_LEN]>,
+    private_key: SecretKey,
 }
 
 #[derive(Default)]
@@ -26,7 +30,7 @@ struct SessionKeys {
     /// Keys given in `subject_audit.session_key`, checked against the
     /// installed public keys on first use (the setting is parsed before any
     /// database access is possible).
-    pending: Vec<Zeroizing<[u8; KEY_LEN]>>,
+    pending: Vec<SecretKey>,
     pending_malformed: bool,
     receivers: HashMap<i64, Rc<ReceiverContext>>,
 }
@@ -43,19 +47,20 @@ pub fn unlock(private_key: &[u8]) -> usize {
     add_key(key, "this private key matches no installed public key")
 }
 
-fn parse_private_key(bytes: &[u8]) -> Zeroizing<[u8; KEY_LEN]> {
+fn parse_private_key(bytes: &[u8]) -> SecretKey {
     if bytes.len() != KEY_LEN {
         raise(
             ERRCODE_INVALID_PARAMETER_VALUE,
             format!("a private key is {KEY_LEN} bytes, got {}", bytes.len()),
         );
     }
-    let mut key = Zeroizing::new([0u8; KEY_LEN]);
+    let mut key: SecretKey = Box::default();
     key.copy_from_slice(bytes);
     key
 }
 
-fn add_key(private_key: Zeroizing<[u8; KEY_LEN]>, unmatched: &str) -> usize {
+fn add_key(private_key: SecretKey, unmatched: &str) -> usize {
+    wipe_at_exit();
     let public_key = crypto::public_key_of(&private_key[..])
         .unwrap_or_else(|e| raise(ERRCODE_INVALID_PARAMETER_VALUE, e.to_string()));
     let key_id = store::as_owner(|| {
@@ -89,6 +94,21 @@ pub fn lock() {
     wipe();
 }
 
+/// Registers the exit wipe in this process. Done on first use, not in
+/// `_PG_init`: a preloaded library runs that in the postmaster, whose exit
+/// callbacks every backend discards when it starts.
+fn wipe_at_exit() {
+    thread_local! { static REGISTERED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) }; }
+    if !REGISTERED.with(|r| r.replace(true)) {
+        unsafe { pg_sys::on_proc_exit(Some(wipe_on_exit), pg_sys::Datum::from(0)) };
+    }
+}
+
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn wipe_on_exit(_code: i32, _arg: pg_sys::Datum) {
+    wipe();
+}
+
 pub(super) fn wipe() {
     // Zeroizing wipes each key as it is dropped.
     SESSION.with(|s| *s.borrow_mut() = SessionKeys::default());
@@ -98,6 +118,7 @@ pub(super) fn wipe() {
 /// into pending keys. Never fails: a malformed value is reported on first use,
 /// because a GUC error would echo the value into the server log.
 pub fn stash_from_setting(value: &str) {
+    wipe_at_exit();
     let mut pending = Vec::new();
     let mut malformed = false;
     for item in value.split(',').map(str::trim).filter(|s| !s.is_empty()) {
@@ -113,12 +134,12 @@ pub fn stash_from_setting(value: &str) {
     });
 }
 
-fn decode_hex_key(item: &str) -> Option<Zeroizing<[u8; KEY_LEN]>> {
+fn decode_hex_key(item: &str) -> Option<SecretKey> {
     let hex = item.strip_prefix("\\x").unwrap_or(item).as_bytes();
     if hex.len() != KEY_LEN * 2 {
         return None;
     }
-    let mut key = Zeroizing::new([0u8; KEY_LEN]);
+    let mut key: SecretKey = Box::default();
     for (i, pair) in hex.chunks(2).enumerate() {
         let digit = |c: u8| (c as char).to_digit(16);
         key[i] = (digit(pair[0])? * 16 + digit(pair[1])?) as u8;

@@ -12,6 +12,7 @@ use pgrx::PgSqlErrorCode::*;
 use pgrx::{PgBuiltInOids, PgOid};
 use zeroize::Zeroizing;
 
+use super::INVALID_SUBTRANSACTION_ID;
 use crate::crypto::{self, SenderContext, SubjectDigester, DIGEST_LEN};
 use crate::store::{self, error::raise, error::raise_with_hint};
 
@@ -50,6 +51,13 @@ struct WriterState {
 
 thread_local! {
     static WRITER: RefCell<WriterState> = RefCell::new(WriterState::default());
+    /// Bumped whenever an invalidation clears the caches: a lookup that saw it
+    /// change underneath may have read the old truth, and is not cached.
+    static GENERATION: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+fn generation() -> u64 {
+    GENERATION.with(std::cell::Cell::get)
 }
 
 fn current_subxact() -> Option<pg_sys::SubTransactionId> {
@@ -68,6 +76,7 @@ pub fn writer_context() -> Rc<WriterContext> {
         return ctx;
     }
     watch_tables();
+    let seen = generation();
     let (key_id, public_key) = store::as_owner(|| {
         Spi::get_two::<i32, Vec<u8>>(
             "SELECT key_id, public_key FROM subject_audit.writer_key \
@@ -95,6 +104,11 @@ pub fn writer_context() -> Rc<WriterContext> {
         raise(ERRCODE_INTERNAL_ERROR, "could not store the writer context");
     };
     let ctx = Rc::new(WriterContext { context_id, sender });
+    if generation() != seen {
+        // A key changed while this one was being read: use it for this
+        // statement only, and look again next time.
+        return ctx;
+    }
     WRITER.with(|w| {
         let mut w = w.borrow_mut();
         // Subject keys are derived per context: a new context starts them over.
@@ -154,6 +168,7 @@ pub fn subject_keys(digests: &[[u8; DIGEST_LEN]]) -> HashMap<[u8; DIGEST_LEN], S
         return found;
     }
     watch_tables();
+    let seen = generation();
     let mut loaded = load_subject_keys(&missing);
     let new: Vec<_> = missing
         .iter()
@@ -162,6 +177,11 @@ pub fn subject_keys(digests: &[[u8; DIGEST_LEN]]) -> HashMap<[u8; DIGEST_LEN], S
         .collect();
     if !new.is_empty() {
         loaded.extend(create_subject_keys(&new));
+    }
+    if generation() != seen {
+        // A subject was erased meanwhile: these keys serve this statement only.
+        found.extend(loaded);
+        return found;
     }
     let since = current_subxact().unwrap_or_default();
     WRITER.with(|w| {
@@ -305,6 +325,12 @@ fn create_subject_keys(digests: &[[u8; DIGEST_LEN]]) -> HashMap<[u8; DIGEST_LEN]
 }
 
 pub(super) fn on_commit() {
+    // Under REPEATABLE READ or SERIALIZABLE, lookups read the transaction's
+    // snapshot, which may predate a key retirement or an erasure that this
+    // backend has already been told about: keep nothing they loaded.
+    if unsafe { pg_sys::XactIsoLevel } >= pg_sys::XACT_REPEATABLE_READ as i32 {
+        on_abort(INVALID_SUBTRANSACTION_ID);
+    }
     WRITER.with(|w| {
         let mut w = w.borrow_mut();
         if let Some(c) = w.context.as_mut() {
@@ -351,6 +377,9 @@ pub(super) fn on_relation_invalidated(relid: pg_sys::Oid) {
             return;
         };
         let all = relid == pg_sys::InvalidOid;
+        if all || relid == writer_key || relid == subject_key {
+            GENERATION.with(|g| g.set(g.get() + 1));
+        }
         if all || relid == writer_key {
             // A key was installed or retired (or the extension dropped): the
             // next write sets up a new context.
@@ -365,8 +394,4 @@ pub(super) fn on_relation_invalidated(relid: pg_sys::Oid) {
             w.pending_subjects.clear();
         }
     });
-}
-
-pub(super) fn wipe() {
-    WRITER.with(|w| *w.borrow_mut() = WriterState::default());
 }

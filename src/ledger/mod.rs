@@ -76,7 +76,7 @@ pub fn seal() -> i64 {
             let from_txid = last.as_ref().map_or(0, |b| b.to_txid);
             let horizon = client
                 .select(
-                    "SELECT pg_catalog.pg_snapshot_xmin(pg_catalog.pg_current_snapshot())::text::bigint",
+                    "SELECT pg_catalog.pg_snapshot_xmin(pg_catalog.pg_current_snapshot())::pg_catalog.text::pg_catalog.int8",
                     None,
                     &[],
                 )
@@ -122,7 +122,7 @@ pub fn seal() -> i64 {
                 .update(
                     "INSERT INTO subject_audit.block (block_id, from_txid, to_txid, event_count, first_event_id, \
                      last_event_id, merkle_root, previous_hash, block_hash) \
-                     SELECT $1, $2, $3, $4, min(event_id), max(event_id), $5, $6, $7 FROM subject_audit.event \
+                     SELECT $1, $2, $3, $4, pg_catalog.min(event_id), pg_catalog.max(event_id), $5, $6, $7 FROM subject_audit.event \
                      WHERE txid OPERATOR(pg_catalog.>=) $2 AND txid OPERATOR(pg_catalog.<) $3",
                     None,
                     &[
@@ -252,7 +252,7 @@ fn verify_with(client: &pgrx::spi::SpiClient<'_>, checkpoint: Option<&str>) -> V
     }
     let unsealed = client
         .select(
-            "SELECT count(*) FROM subject_audit.event WHERE txid OPERATOR(pg_catalog.>=) $1",
+            "SELECT pg_catalog.count(*) FROM subject_audit.event WHERE txid OPERATOR(pg_catalog.>=) $1",
             None,
             &[previous_to.into()],
         )
@@ -282,11 +282,12 @@ fn block_events(
 ) -> Vec<[u8; 32]> {
     let mut leaves = Vec::with_capacity(block.event_count.max(0) as usize);
     let mut cursor = client.open_cursor(
-        "SELECT event_id, at, txid, operation, status, sqlstate, title, table_name, actor, db_role, \
-         session_role, application_name, pg_catalog.host(client_addr), changed_columns, subject_key_id, \
-         context_id, nonce, payload, row_hash \
-         FROM subject_audit.event \
-         WHERE txid OPERATOR(pg_catalog.>=) $1 AND txid OPERATOR(pg_catalog.<) $2 ORDER BY event_id",
+        "SELECT e.event_id, e.at, e.txid, e.operation, e.status, e.sqlstate, e.title, e.table_name, e.actor, \
+         e.db_role, e.session_role, e.application_name, pg_catalog.host(e.client_addr), e.changed_columns, \
+         e.subject_key_id, e.context_id, e.nonce, e.payload, e.row_hash, k.subject_digest \
+         FROM subject_audit.event e \
+         LEFT JOIN subject_audit.subject_key k ON k.subject_key_id OPERATOR(pg_catalog.=) e.subject_key_id \
+         WHERE e.txid OPERATOR(pg_catalog.>=) $1 AND e.txid OPERATOR(pg_catalog.<) $2 ORDER BY e.event_id",
         &[block.from_txid.into(), block.to_txid.into()],
     );
     loop {
@@ -298,6 +299,7 @@ fn block_events(
             let text = |i: usize| row.get::<String>(i).ok().flatten();
             let bytes = |i: usize| row.get::<Vec<u8>>(i).ok().flatten();
             let event_id: i64 = row.get(1).ok().flatten().unwrap_or_default();
+            let subject_digest = bytes(20);
             let at: Option<TimestampWithTimeZone> = row.get(2).ok().flatten();
             let columns: Option<Vec<String>> = row.get(14).ok().flatten();
             let columns_ref: Option<Vec<&str>> = columns
@@ -329,6 +331,7 @@ fn block_events(
                 client_addr: client_addr.as_deref(),
                 changed_columns: columns_ref.as_deref(),
                 subject_key_id: row.get(15).ok().flatten(),
+                subject_digest: subject_digest.as_deref(),
                 context_id: row.get(16).ok().flatten(),
                 nonce: nonce.as_deref(),
                 payload: payload.as_deref(),

@@ -6,7 +6,7 @@ use pgrx::prelude::*;
 use pgrx::PgSqlErrorCode::*;
 use serde_json::{Map, Value as Json};
 
-use crate::envelope::{self, Payload, Value};
+use crate::envelope::{self, Binding, Payload, Value};
 use crate::keyring::{self, KeyNotUnlocked};
 use crate::store::{self, error::raise, error::raise_with_hint};
 
@@ -92,23 +92,8 @@ pub fn subject_events(token: &str, only_event: Option<i64>) -> Vec<DecryptedEven
             let rows = client.select(query, None, &[digest.to_vec().into(), only_event.into()])?;
             let mut events = Vec::with_capacity(rows.len());
             for row in rows {
-                let event_id: i64 = row.get(1)?.unwrap_or_default();
-                let salt: Option<Vec<u8>> = row.get(13)?;
-                let payload = match salt {
-                    None => None,
-                    Some(salt) => Some(decrypt(
-                        event_id,
-                        row.get(9)?,
-                        row.get(10)?,
-                        row.get(14)?,
-                        row.get::<Vec<u8>>(15)?.unwrap_or_default(),
-                        &salt,
-                        row.get::<Vec<u8>>(11)?.unwrap_or_default(),
-                        row.get::<Vec<u8>>(12)?.unwrap_or_default(),
-                    )),
-                };
-                events.push(DecryptedEvent {
-                    event_id,
+                let mut event = DecryptedEvent {
+                    event_id: row.get(1)?.unwrap_or_default(),
                     at: row.get(2)?.expect("event.at is NOT NULL"),
                     operation: row.get(3)?.unwrap_or_default(),
                     title: row.get(4)?.unwrap_or_default(),
@@ -116,8 +101,21 @@ pub fn subject_events(token: &str, only_event: Option<i64>) -> Vec<DecryptedEven
                     actor: row.get(6)?.unwrap_or_default(),
                     table_name: row.get(7)?,
                     changed_columns: row.get(8)?.unwrap_or_default(),
-                    payload,
-                });
+                    payload: None,
+                };
+                // An erased subject key has no salt: its payloads are gone for good.
+                if let Some(salt) = row.get::<Vec<u8>>(13)? {
+                    let stored = StoredCiphertext {
+                        subject_key_id: row.get(9)?,
+                        context_id: row.get(10)?,
+                        key_id: row.get(14)?,
+                        encapsulated_key: row.get::<Vec<u8>>(15)?.unwrap_or_default(),
+                        nonce: row.get::<Vec<u8>>(11)?.unwrap_or_default(),
+                        ciphertext: row.get::<Vec<u8>>(12)?.unwrap_or_default(),
+                    };
+                    event.payload = Some(decrypt(&event, &stored, &digest, &salt));
+                }
+                events.push(event);
             }
             Ok::<_, pgrx::spi::SpiError>(events)
         })
@@ -130,24 +128,30 @@ pub fn subject_events(token: &str, only_event: Option<i64>) -> Vec<DecryptedEven
     })
 }
 
-#[allow(clippy::too_many_arguments)]
-fn decrypt(
-    event_id: i64,
+/// What an event row stores about its ciphertext.
+struct StoredCiphertext {
     subject_key_id: Option<i64>,
     context_id: Option<i64>,
     key_id: Option<i32>,
     encapsulated_key: Vec<u8>,
-    salt: &[u8],
     nonce: Vec<u8>,
     ciphertext: Vec<u8>,
+}
+
+fn decrypt(
+    event: &DecryptedEvent,
+    stored: &StoredCiphertext,
+    digest: &[u8],
+    salt: &[u8],
 ) -> Payload {
-    let (Some(context_id), Some(key_id)) = (context_id, key_id) else {
+    let event_id = event.event_id;
+    let (Some(context_id), Some(key_id)) = (stored.context_id, stored.key_id) else {
         raise(
             ERRCODE_DATA_CORRUPTED,
             format!("event {event_id} names no writer context"),
         );
     };
-    let key = keyring::reader_data_key(context_id, key_id, &encapsulated_key, Some(salt)).unwrap_or_else(
+    let key = keyring::reader_data_key(context_id, key_id, &stored.encapsulated_key, Some(salt)).unwrap_or_else(
         |KeyNotUnlocked(key_id)| {
             raise_with_hint(
                 ERRCODE_INSUFFICIENT_PRIVILEGE,
@@ -156,7 +160,19 @@ fn decrypt(
             )
         },
     );
-    envelope::open_event(&key, &nonce, event_id, subject_key_id, context_id, &ciphertext).unwrap_or_else(|_| {
+    let columns: Vec<&str> = event.changed_columns.iter().map(String::as_str).collect();
+    let binding = Binding {
+        event_id,
+        subject_key_id: stored.subject_key_id,
+        subject_digest: Some(digest),
+        context_id,
+        metadata: envelope::metadata_digest(
+            &event.operation,
+            event.table_name.as_deref(),
+            Some(&columns),
+        ),
+    };
+    envelope::open_event(&key, &stored.nonce, &binding, &stored.ciphertext).unwrap_or_else(|_| {
         raise(
             ERRCODE_DATA_CORRUPTED,
             format!("event {event_id} failed authentication: its ciphertext does not belong to this event and subject"),

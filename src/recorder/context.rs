@@ -1,7 +1,6 @@
 //! Who, when and why, gathered once per statement.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
 use std::ffi::CStr;
 
 use pgrx::prelude::*;
@@ -20,18 +19,19 @@ pub struct StatementContext {
 }
 
 thread_local! {
-    static ROLE_NAMES: RefCell<HashMap<pg_sys::Oid, String>> = RefCell::new(HashMap::new());
     static CLIENT_ADDR: RefCell<Option<Option<String>>> = const { RefCell::new(None) };
 }
 
+/// A role's current name (a syscache lookup: renames show at once).
 fn role_name(role: pg_sys::Oid) -> String {
-    if let Some(n) = ROLE_NAMES.with(|r| r.borrow().get(&role).cloned()) {
-        return n;
+    let name = unsafe { pg_sys::GetUserNameFromId(role, true) };
+    if name.is_null() {
+        // Dropped while this session still runs as it.
+        return format!("role {}", role.to_u32());
     }
-    let name = unsafe { CStr::from_ptr(pg_sys::GetUserNameFromId(role, true)) };
-    let name = name.to_string_lossy().into_owned();
-    ROLE_NAMES.with(|r| r.borrow_mut().insert(role, name.clone()));
-    name
+    unsafe { CStr::from_ptr(name) }
+        .to_string_lossy()
+        .into_owned()
 }
 
 /// The client's address as `host()` prints it; constant for the session.

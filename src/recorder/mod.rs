@@ -17,7 +17,7 @@ use pgrx::PgSqlErrorCode::*;
 use zeroize::Zeroizing;
 
 use crate::crypto::{self, DataKey, DIGEST_LEN, NONCE_LEN};
-use crate::envelope;
+use crate::envelope::{self, Binding};
 use crate::integrity::{row_hash, EventFields};
 use crate::keyring;
 use crate::store::{self, error::raise};
@@ -34,8 +34,9 @@ pub enum Subject {
     Nobody,
     /// The subject with this keyed digest; its live key is used (or created).
     Digest([u8; DIGEST_LEN]),
-    /// A subject key by id, for events that carry no payload (e.g. its erasure).
-    Key(i64),
+    /// A subject key by id (and its digest), for events that carry no
+    /// payload (e.g. its erasure).
+    Key(i64, [u8; DIGEST_LEN]),
 }
 
 /// One event to record, its payload not yet encrypted.
@@ -59,6 +60,8 @@ struct ColumnSet<'a> {
     shared: &'a Rc<[String]>,
     names: Vec<&'a str>,
     datum: Datum,
+    /// `metadata_digest` of the events that share this list.
+    metadata: [u8; 32],
 }
 
 /// Records `drafts`, returns their event ids in order.
@@ -116,15 +119,40 @@ unsafe fn record_unchecked(
             pg_sys::ffi::pg_guard_ffi_boundary(|| nextval_internal(relations.event_id_seq, false));
         event_ids.push(event_id);
         let subject_key = match draft.subject {
-            Subject::Nobody => None,
             Subject::Digest(digest) => Some(&subject_keys[&digest]),
-            Subject::Key(_) => None,
+            Subject::Nobody | Subject::Key(..) => None,
         };
-        let subject_key_id = match draft.subject {
-            Subject::Key(id) => Some(id),
-            _ => subject_key.map(|k| k.subject_key_id),
+        let (subject_key_id, subject_digest) = match &draft.subject {
+            Subject::Nobody => (None, None),
+            Subject::Digest(digest) => (subject_key.map(|k| k.subject_key_id), Some(&digest[..])),
+            Subject::Key(id, digest) => (Some(*id), Some(&digest[..])),
         };
         let nonce: &[u8; NONCE_LEN] = nonce.try_into().expect("chunks_exact");
+        let columns = draft.columns.as_ref().map(|cols| {
+            column_sets
+                .iter()
+                .position(|set| Rc::ptr_eq(set.shared, cols))
+                .unwrap_or_else(|| {
+                    let names: Vec<&str> = cols.iter().map(String::as_str).collect();
+                    let datum = text_array(&names);
+                    let metadata = envelope::metadata_digest(
+                        header.operation,
+                        header.table_name,
+                        Some(&names),
+                    );
+                    column_sets.push(ColumnSet {
+                        shared: cols,
+                        names,
+                        datum,
+                        metadata,
+                    });
+                    column_sets.len() - 1
+                })
+        });
+        let metadata = match columns {
+            Some(i) => column_sets[i].metadata,
+            None => envelope::metadata_digest(header.operation, header.table_name, None),
+        };
         let sealed = match (&draft.payload, &writer) {
             (Some(payload), Some(writer)) => {
                 let key: &DataKey = match subject_key {
@@ -139,34 +167,19 @@ unsafe fn record_unchecked(
                         "an event for a subject key by id carries no payload",
                     ),
                 };
-                let ciphertext = envelope::seal_event(
-                    key,
-                    nonce,
+                let binding = Binding {
                     event_id,
                     subject_key_id,
-                    writer.context_id,
-                    payload,
-                )
-                .unwrap_or_else(|e| raise(ERRCODE_INTERNAL_ERROR, e.to_string()));
+                    subject_digest,
+                    context_id: writer.context_id,
+                    metadata,
+                };
+                let ciphertext = envelope::seal_event(key, nonce, &binding, payload)
+                    .unwrap_or_else(|e| raise(ERRCODE_INTERNAL_ERROR, e.to_string()));
                 Some((writer.context_id, ciphertext))
             }
             _ => None,
         };
-        let columns = draft.columns.as_ref().map(|cols| {
-            column_sets
-                .iter()
-                .position(|set| Rc::ptr_eq(set.shared, cols))
-                .unwrap_or_else(|| {
-                    let names: Vec<&str> = cols.iter().map(String::as_str).collect();
-                    let datum = text_array(&names);
-                    column_sets.push(ColumnSet {
-                        shared: cols,
-                        names,
-                        datum,
-                    });
-                    column_sets.len() - 1
-                })
-        });
         let fields = EventFields {
             event_id,
             at: statement.at,
@@ -183,6 +196,7 @@ unsafe fn record_unchecked(
             client_addr: statement.client_addr.as_deref(),
             changed_columns: columns.map(|i| &column_sets[i].names[..]),
             subject_key_id,
+            subject_digest,
             context_id: sealed.as_ref().map(|s| s.0),
             nonce: sealed.as_ref().map(|_| &nonce[..]),
             payload: sealed.as_ref().map(|s| &s.1[..]),

@@ -14,7 +14,8 @@ use crate::store::{self, error::raise};
 /// same token starts a new subject key.
 #[pg_extern(volatile, parallel_unsafe)]
 fn forget_subject(token: &str) -> i64 {
-    let digest = keyring::subject_digest(token.as_bytes()).to_vec();
+    let subject_digest = keyring::subject_digest(token.as_bytes());
+    let digest = subject_digest.to_vec();
     let erased = store::as_owner(|| {
         Spi::get_one_with_args::<Vec<i64>>(
             "WITH e AS (UPDATE subject_audit.subject_key SET salt = NULL, erased_at = pg_catalog.clock_timestamp() \
@@ -27,7 +28,7 @@ fn forget_subject(token: &str) -> i64 {
     .unwrap_or_default();
     let events = store::as_owner(|| {
         Spi::get_one_with_args::<i64>(
-            "SELECT count(*) FROM subject_audit.event e JOIN subject_audit.subject_key k \
+            "SELECT pg_catalog.count(*) FROM subject_audit.event e JOIN subject_audit.subject_key k \
              ON e.subject_key_id OPERATOR(pg_catalog.=) k.subject_key_id \
              WHERE k.subject_digest OPERATOR(pg_catalog.=) $1",
             &[digest.into()],
@@ -39,7 +40,12 @@ fn forget_subject(token: &str) -> i64 {
     if let Some(&subject_key_id) = erased.first() {
         // Every backend drops its cached salts at commit: none encrypts under this one again.
         store::invalidate(store::relations().subject_key);
-        admin::record_for("ERASE", "erase subject", None, Subject::Key(subject_key_id));
+        admin::record_for(
+            "ERASE",
+            "erase subject",
+            None,
+            Subject::Key(subject_key_id, subject_digest),
+        );
     }
     events
 }

@@ -70,9 +70,17 @@ fn lock() {
 #[pg_extern(volatile, parallel_unsafe)]
 fn retire_public_key(key_id: i32) {
     let relations = store::relations();
+    // Serialize retirements: two at once must not both see "another key is active".
+    store::as_owner(|| Spi::run("LOCK TABLE subject_audit.writer_key IN SHARE ROW EXCLUSIVE MODE"))
+        .unwrap_or_else(|e| {
+            raise(
+                ERRCODE_INTERNAL_ERROR,
+                format!("could not lock the key table: {e}"),
+            )
+        });
     let state = store::as_owner(|| {
         Spi::get_two_with_args::<bool, i64>(
-            "SELECT bool_or(key_id OPERATOR(pg_catalog.=) $1), count(*) \
+            "SELECT pg_catalog.bool_or(key_id OPERATOR(pg_catalog.=) $1), pg_catalog.count(*) \
              FROM subject_audit.writer_key WHERE retired_at IS NULL",
             &[key_id.into()],
         )

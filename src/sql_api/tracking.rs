@@ -119,7 +119,7 @@ fn untrack(tbl: PgRelation) {
         Spi::get_one_with_args::<bool>(
             "WITH d AS (DELETE FROM subject_audit.tracked_table \
              WHERE relid OPERATOR(pg_catalog.=) $1::pg_catalog.oid::pg_catalog.regclass RETURNING 1) \
-             SELECT count(*) > 0 FROM d",
+             SELECT pg_catalog.count(*) OPERATOR(pg_catalog.>) 0 FROM d",
             &[tbl.oid().into()],
         )
     });

@@ -131,12 +131,14 @@ pub fn forget_relation(relid: Oid) {
 }
 
 /// Runs `f` as the owner of the audit schema, in a security-restricted
-/// operation, and switches back. On error PostgreSQL's (sub)transaction abort
-/// restores the previous user itself.
+/// operation and with `search_path = pg_catalog, pg_temp` (so no object of
+/// the caller's can stand in for ours), then switches back. On error
+/// PostgreSQL's (sub)transaction abort restores the user and the setting.
 pub fn as_owner<R>(f: impl FnOnce() -> R) -> R {
     let owner = relations().owner;
     let mut saved_user = pg_sys::InvalidOid;
     let mut saved_context = 0;
+    let nest_level;
     unsafe {
         pg_sys::GetUserIdAndSecContext(&mut saved_user, &mut saved_context);
         pg_sys::SetUserIdAndSecContext(
@@ -145,9 +147,23 @@ pub fn as_owner<R>(f: impl FnOnce() -> R) -> R {
                 | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32
                 | pg_sys::SECURITY_RESTRICTED_OPERATION as i32,
         );
+        nest_level = pg_sys::NewGUCNestLevel();
+        pg_sys::set_config_option(
+            c"search_path".as_ptr(),
+            c"pg_catalog, pg_temp".as_ptr(),
+            pg_sys::GucContext::PGC_USERSET,
+            pg_sys::GucSource::PGC_S_SESSION,
+            pg_sys::GucAction::GUC_ACTION_SAVE,
+            true,
+            0,
+            false,
+        );
     }
     let result = f();
-    unsafe { pg_sys::SetUserIdAndSecContext(saved_user, saved_context) };
+    unsafe {
+        pg_sys::AtEOXact_GUC(true, nest_level);
+        pg_sys::SetUserIdAndSecContext(saved_user, saved_context);
+    }
     result
 }
 
