@@ -101,7 +101,6 @@ pub unsafe fn on_statement(trigger: &pg_sys::TriggerData) {
         pg_sys::ALLOCSET_DEFAULT_INITSIZE as usize,
         pg_sys::ALLOCSET_DEFAULT_MAXSIZE as usize,
     );
-    let all_columns: Rc<[String]> = meta.columns.iter().map(|c| c.name.clone()).collect();
     let header = Header {
         operation: operation.as_str(),
         status: "ok",
@@ -146,7 +145,7 @@ pub unsafe fn on_statement(trigger: &pg_sys::TriggerData) {
                     }
                     events.push(Draft {
                         subject,
-                        columns: Some(all_columns.clone()),
+                        columns: Some(meta.column_names.clone()),
                         payload: Some(payload.finish().into()),
                     });
                 });

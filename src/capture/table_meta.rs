@@ -28,6 +28,8 @@ pub struct TableMeta {
     pub subject: Column,
     /// Captured columns: every live column but the excluded ones.
     pub columns: Vec<Column>,
+    /// Their names, shared by every INSERT and DELETE event of the table.
+    pub column_names: std::rc::Rc<[String]>,
     memory: pg_sys::MemoryContext,
 }
 
@@ -141,6 +143,7 @@ unsafe fn build(relation: pg_sys::Relation) -> TableMeta {
     TableMeta {
         name,
         subject,
+        column_names: columns.iter().map(|c| c.name.clone()).collect(),
         columns,
         memory,
     }
