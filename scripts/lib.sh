@@ -56,6 +56,19 @@ crash_cluster() {
     runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$1/data" -l "$1/server.log" -w start >/dev/null
 }
 
+# start_standby DIR PRIMARY_PORT PORT: a streaming hot standby of the cluster
+# in DIR, in DIR/standby, reachable through the same socket directory.
+start_standby() {
+    local dir=$1 primary_port=$2 port=$3
+    rm -rf "$dir/standby"
+    mkdir -p "$dir/standby"
+    chown postgres: "$dir/standby"
+    runuser -u postgres -- "$PG_BIN/pg_basebackup" -h "$dir" -p "$primary_port" -U postgres \
+        -D "$dir/standby/data" -R -X stream >/dev/null
+    echo "port = $port" >>"$dir/standby/data/postgresql.conf"
+    runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$dir/standby/data" -l "$dir/standby/server.log" -w start >/dev/null
+}
+
 stop_cluster() {
     [ -d "$1/data" ] && runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$1/data" -m fast -w stop >/dev/null 2>&1 || true
 }

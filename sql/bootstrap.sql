@@ -142,6 +142,19 @@ SELECT e.event_id,
 FROM subject_audit.event e
 LEFT JOIN subject_audit.subject_key k USING (subject_key_id);
 
+-- Reporting without a key: events per day (in the session's time zone),
+-- table, operation and status, and how many distinct subjects they touched.
+CREATE VIEW subject_audit.activity AS
+SELECT e.at::date AS day,
+       e.table_name,
+       e.operation,
+       e.status,
+       count(*) AS events,
+       count(DISTINCT e.subject_key_id) AS subjects
+FROM subject_audit.event e
+GROUP BY 1, 2, 3, 4
+ORDER BY 1, 2, 3, 4;
+
 SELECT pg_catalog.pg_extension_config_dump('subject_audit.installation', '');
 SELECT pg_catalog.pg_extension_config_dump('subject_audit.writer_key', '');
 SELECT pg_catalog.pg_extension_config_dump('subject_audit.writer_context', '');

@@ -36,7 +36,7 @@ SET search_path = evil, public, pg_catalog;
 SELECT subject_audit.unlock(:'sk');
 SELECT operation, before, after FROM subject_audit.audit_for_subject('h-1');
 SELECT column_name, before, after FROM subject_audit.audit_event('h-1',
-    (SELECT max(event_id) FROM subject_audit.audit_for_subject('h-1')));
+    (SELECT max(event_id) FROM subject_audit.audit_for_subject('h-1') WHERE operation = 'UPDATE'));
 SELECT operation, pg_catalog.count(*) FROM subject_audit.events GROUP BY operation ORDER BY operation;
 SELECT subject_audit.seal() > 0 AS sealed;
 SELECT ok, problems, unsealed FROM subject_audit.verify();

@@ -1,15 +1,20 @@
-//! Compact binary payload codec (version 1):
+//! Compact binary payload codec:
 //!
 //! ```text
-//! u8 version | varint reason length + 1 (0 = none) | reason bytes
-//! varint column count | per column: u8 flags, [varint len, bytes] before, [varint len, bytes] after
+//! version 1: u8 1 | text reason | columns
+//! version 2: u8 2 | text reason | text note | columns
+//! text: varint length + 1 (0 = none), bytes
+//! columns: varint column count | per column: u8 flags, [varint len, bytes] before, [varint len, bytes] after
 //! flags: bits 0-1 before, bits 2-3 after (0 absent, 1 NULL, 2 text), bit 4 json
 //! ```
 //!
+//! Version 2 is written only when there is a note (the description an
+//! application gave with `record_access`), so change events stay version 1.
 //! Columns are listed in the order of the event's `changed_columns`, so names
 //! are stored once, outside the ciphertext.
 
 const VERSION: u8 = 1;
+const VERSION_WITH_NOTE: u8 = 2;
 const JSON_FLAG: u8 = 0x10;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,6 +45,8 @@ pub struct ColumnValues {
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Payload {
     pub reason: Option<String>,
+    /// A free-text description given by the application.
+    pub note: Option<String>,
     pub columns: Vec<ColumnValues>,
 }
 
@@ -53,14 +60,19 @@ pub struct PayloadWriter {
 
 impl PayloadWriter {
     pub fn new(reason: Option<&str>) -> Self {
+        Self::with_note(reason, None)
+    }
+
+    pub fn with_note(reason: Option<&str>, note: Option<&str>) -> Self {
         let mut buf = Vec::with_capacity(256);
-        buf.push(VERSION);
-        match reason {
-            Some(r) => {
-                put_varint(&mut buf, r.len() as u64 + 1);
-                buf.extend_from_slice(r.as_bytes());
-            }
-            None => put_varint(&mut buf, 0),
+        buf.push(if note.is_some() {
+            VERSION_WITH_NOTE
+        } else {
+            VERSION
+        });
+        put_text(&mut buf, reason);
+        if note.is_some() {
+            put_text(&mut buf, note);
         }
         let count_at = buf.len();
         Self {
@@ -116,12 +128,13 @@ impl Payload {
     pub fn decode(bytes: &[u8]) -> Result<Payload, DecodeError> {
         let mut r = Reader { bytes, pos: 0 };
         let version = r.byte()?;
-        if version != VERSION {
+        if version != VERSION && version != VERSION_WITH_NOTE {
             return Err(DecodeError::Version(version));
         }
-        let reason = match r.varint()? {
-            0 => None,
-            n => Some(r.text(n as usize - 1)?),
+        let reason = r.optional_text()?;
+        let note = match version {
+            VERSION_WITH_NOTE => r.optional_text()?,
+            _ => None,
         };
         let count = r.varint()? as usize;
         let mut columns = Vec::with_capacity(count.min(4096));
@@ -141,7 +154,11 @@ impl Payload {
         if r.pos != bytes.len() {
             return Err(DecodeError::TrailingBytes);
         }
-        Ok(Payload { reason, columns })
+        Ok(Payload {
+            reason,
+            note,
+            columns,
+        })
     }
 }
 
@@ -181,6 +198,13 @@ impl Reader<'_> {
         Ok(s.to_owned())
     }
 
+    fn optional_text(&mut self) -> Result<Option<String>, DecodeError> {
+        match self.varint()? {
+            0 => Ok(None),
+            n => Ok(Some(self.text((n - 1) as usize)?)),
+        }
+    }
+
     fn value(&mut self, tag: u8, flags: u8) -> Result<Value<String>, DecodeError> {
         match tag {
             0 => Ok(Value::Absent),
@@ -191,6 +215,16 @@ impl Reader<'_> {
             }
             _ => Err(DecodeError::BadFlags(flags)),
         }
+    }
+}
+
+fn put_text(buf: &mut Vec<u8>, text: Option<&str>) {
+    match text {
+        Some(t) => {
+            put_varint(buf, t.len() as u64 + 1);
+            buf.extend_from_slice(t.as_bytes());
+        }
+        None => put_varint(buf, 0),
     }
 }
 
@@ -238,6 +272,20 @@ mod tests {
     }
 
     #[test]
+    fn note_only_when_given() {
+        let plain = PayloadWriter::new(Some("ticket #1")).finish();
+        assert_eq!(plain[0], VERSION);
+        let noted = PayloadWriter::with_note(None, Some("opened profile")).finish();
+        assert_eq!(noted[0], VERSION_WITH_NOTE);
+        let p = Payload::decode(&noted).unwrap();
+        assert_eq!(
+            (p.reason, p.note.as_deref()),
+            (None, Some("opened profile"))
+        );
+        assert_eq!(Payload::decode(&plain).unwrap().note, None);
+    }
+
+    #[test]
     fn compact_encoding() {
         let mut w = PayloadWriter::new(None);
         w.column(false, Value::Text(b"a"), Value::Text(b"b"));
@@ -247,7 +295,8 @@ mod tests {
     #[test]
     fn rejects_malformed_input() {
         assert_eq!(Payload::decode(&[]), Err(DecodeError::Truncated));
-        assert_eq!(Payload::decode(&[2, 0, 0]), Err(DecodeError::Version(2)));
+        assert_eq!(Payload::decode(&[3, 0, 0]), Err(DecodeError::Version(3)));
+        assert_eq!(Payload::decode(&[2, 0, 0]), Err(DecodeError::Truncated));
         assert_eq!(
             Payload::decode(&[1, 0, 1, 0x0a, 5, b'a']),
             Err(DecodeError::Truncated)

@@ -64,7 +64,7 @@ fn add_key(private_key: SecretKey, unmatched: &str) -> usize {
     let public_key = crypto::public_key_of(&private_key[..])
         .unwrap_or_else(|e| raise(ERRCODE_INVALID_PARAMETER_VALUE, e.to_string()));
     let key_id = store::as_owner(|| {
-        Spi::get_one_with_args::<i32>(
+        store::select_one::<i32>(
             "SELECT key_id FROM subject_audit.writer_key WHERE public_key OPERATOR(pg_catalog.=) $1",
             &[public_key.to_vec().into()],
         )

@@ -129,7 +129,7 @@ pub fn subject_digest(token: &[u8]) -> [u8; DIGEST_LEN] {
     }
     watch_tables();
     let secret = store::as_owner(|| {
-        Spi::get_one::<Vec<u8>>("SELECT subject_secret FROM subject_audit.installation")
+        store::select_one::<Vec<u8>>("SELECT subject_secret FROM subject_audit.installation", &[])
     });
     let Ok(Some(secret)) = secret else {
         raise(

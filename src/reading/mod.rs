@@ -2,6 +2,7 @@
 //! under the session's keys, and shape it for SQL. Only this subject's rows
 //! are fetched and decrypted.
 
+use pgrx::datum::ToIsoString;
 use pgrx::prelude::*;
 use pgrx::PgSqlErrorCode::*;
 use serde_json::{Map, Value as Json};
@@ -16,22 +17,33 @@ pub struct DecryptedEvent {
     pub operation: String,
     pub title: String,
     pub status: String,
+    pub sqlstate: Option<String>,
     pub actor: String,
+    pub db_role: String,
+    pub session_role: String,
+    pub application_name: Option<String>,
+    pub client_addr: Option<String>,
+    pub txid: i64,
     pub table_name: Option<String>,
     pub changed_columns: Vec<String>,
-    /// `None` once the subject was erased.
+    /// `None` once the subject was erased, or for events that never had one.
     pub payload: Option<Payload>,
+    /// It had a payload, and the subject's erasure destroyed its key.
+    pub erased: bool,
 }
 
 impl DecryptedEvent {
     /// A sentence: `changed email, phone — ticket #4711`.
     pub fn description(&self) -> String {
-        let what = match self.operation.as_str() {
-            "INSERT" => format!("created {}", self.changed_columns.join(", ")),
-            "UPDATE" => format!("changed {}", self.changed_columns.join(", ")),
-            "DELETE" => format!("deleted {}", self.changed_columns.join(", ")),
-            "ERASE" => "erased: the personal values of this subject's earlier events can no longer be decrypted".into(),
-            other => other.to_lowercase(),
+        let note = self.payload.as_ref().and_then(|p| p.note.as_deref());
+        let what = match (self.operation.as_str(), note) {
+            (_, Some(note)) => note.to_owned(),
+            ("INSERT", _) => format!("created {}", self.changed_columns.join(", ")),
+            ("UPDATE", _) => format!("changed {}", self.changed_columns.join(", ")),
+            ("DELETE", _) => format!("deleted {}", self.changed_columns.join(", ")),
+            ("ERASE", _) => "erased: the personal values of this subject's earlier events can no longer be decrypted".into(),
+            ("READ", _) => self.title.clone(),
+            (other, _) => other.to_lowercase(),
         };
         match self.payload.as_ref().and_then(|p| p.reason.as_deref()) {
             Some(reason) => format!("{what} — {reason}"),
@@ -44,6 +56,9 @@ impl DecryptedEvent {
         let Some(payload) = &self.payload else {
             return (None, None);
         };
+        if payload.columns.is_empty() {
+            return (None, None);
+        }
         let mut before = Map::new();
         let mut after = Map::new();
         for (name, column) in self.changed_columns.iter().zip(&payload.columns) {
@@ -60,6 +75,59 @@ impl DecryptedEvent {
             _ => (Some(Json::Object(before)), Some(Json::Object(after))),
         }
     }
+
+    /// The event as an object of the export document (`docs/export.md`).
+    pub fn to_export_json(&self) -> Json {
+        let (before, after) = self.images();
+        serde_json::json!({
+            "event_id": self.event_id,
+            "at": self.at.to_iso_string(),
+            "operation": self.operation,
+            "title": self.title,
+            "status": self.status,
+            "sqlstate": self.sqlstate,
+            "description": self.description(),
+            "actor": self.actor,
+            "database_role": self.db_role,
+            "session_role": self.session_role,
+            "application_name": self.application_name,
+            "client_address": self.client_addr,
+            "transaction_id": self.txid,
+            "table_name": self.table_name,
+            "changed_columns": self.changed_columns,
+            "before": before,
+            "after": after,
+            "erased": self.erased,
+        })
+    }
+}
+
+/// The export document of one subject: `docs/export.md` documents its schema.
+pub fn export_document(token: &str, events: &[DecryptedEvent]) -> Json {
+    let digest = keyring::subject_digest(token.as_bytes());
+    let generated_at = unsafe { pg_sys::GetCurrentTransactionStartTimestamp() };
+    let generated_at = unsafe { TimestampWithTimeZone::from_datum(generated_at.into(), false) }
+        .map(|t| t.to_iso_string());
+    serde_json::json!({
+        "format": "pg_subject_audit export",
+        "format_version": EXPORT_FORMAT_VERSION,
+        "generated_at": generated_at,
+        "subject": {
+            "token": token,
+            "subject_ref": subject_ref(&digest),
+        },
+        "event_count": events.len(),
+        "events": events.iter().map(DecryptedEvent::to_export_json).collect::<Vec<_>>(),
+    })
+}
+
+/// Version of the export document's schema; bumped on any incompatible change.
+pub const EXPORT_FORMAT_VERSION: i32 = 1;
+
+/// The short pseudonymous reference the `events` view shows: the first 48
+/// bits of the keyed digest, in hex.
+pub fn subject_ref(digest: &[u8]) -> String {
+    digest[..6].iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn json_value(value: &Value<String>, json: bool) -> Option<Json> {
@@ -80,7 +148,8 @@ pub fn subject_events(token: &str, only_event: Option<i64>) -> Vec<DecryptedEven
     let query = "SELECT e.event_id, e.at, e.operation, \
                  coalesce(e.title, pg_catalog.lower(e.operation) OPERATOR(pg_catalog.||) ' ' OPERATOR(pg_catalog.||) e.table_name), \
                  e.status, e.actor, e.table_name, e.changed_columns, e.subject_key_id, e.context_id, \
-                 e.nonce, e.payload, k.salt, c.key_id, c.encapsulated_key \
+                 e.nonce, e.payload, k.salt, c.key_id, c.encapsulated_key, \
+                 e.sqlstate, e.db_role, e.session_role, e.application_name, pg_catalog.host(e.client_addr), e.txid \
                  FROM subject_audit.subject_key k \
                  JOIN subject_audit.event e ON e.subject_key_id OPERATOR(pg_catalog.=) k.subject_key_id \
                  LEFT JOIN subject_audit.writer_context c ON c.context_id OPERATOR(pg_catalog.=) e.context_id \
@@ -98,20 +167,30 @@ pub fn subject_events(token: &str, only_event: Option<i64>) -> Vec<DecryptedEven
                     operation: row.get(3)?.unwrap_or_default(),
                     title: row.get(4)?.unwrap_or_default(),
                     status: row.get(5)?.unwrap_or_default(),
+                    sqlstate: row.get(16)?,
                     actor: row.get(6)?.unwrap_or_default(),
+                    db_role: row.get(17)?.unwrap_or_default(),
+                    session_role: row.get(18)?.unwrap_or_default(),
+                    application_name: row.get(19)?,
+                    client_addr: row.get(20)?,
+                    txid: row.get(21)?.unwrap_or_default(),
                     table_name: row.get(7)?,
                     changed_columns: row.get(8)?.unwrap_or_default(),
                     payload: None,
+                    erased: false,
                 };
+                let ciphertext = row.get::<Vec<u8>>(12)?;
                 // An erased subject key has no salt: its payloads are gone for good.
-                if let Some(salt) = row.get::<Vec<u8>>(13)? {
+                let salt = row.get::<Vec<u8>>(13)?;
+                event.erased = ciphertext.is_some() && salt.is_none();
+                if let (Some(salt), Some(ciphertext)) = (salt, ciphertext) {
                     let stored = StoredCiphertext {
                         subject_key_id: row.get(9)?,
                         context_id: row.get(10)?,
                         key_id: row.get(14)?,
                         encapsulated_key: row.get::<Vec<u8>>(15)?.unwrap_or_default(),
                         nonce: row.get::<Vec<u8>>(11)?.unwrap_or_default(),
-                        ciphertext: row.get::<Vec<u8>>(12)?.unwrap_or_default(),
+                        ciphertext,
                     };
                     event.payload = Some(decrypt(&event, &stored, &digest, &salt));
                 }

@@ -1,7 +1,8 @@
-//! Reading a subject's trail.
+//! Reading a subject's trail. Every call leaves a READ event in it.
 
 use pgrx::prelude::*;
 
+use super::access;
 use crate::envelope::Value;
 use crate::reading;
 
@@ -40,7 +41,9 @@ fn audit_for_subject(
         name!(after, Option<pgrx::JsonB>),
     ),
 > {
-    let rows: Vec<TrailRowValues> = reading::subject_events(token, None)
+    let events = reading::subject_events(token, None);
+    access::record_trail_read(token, "viewed audit trail (audit_for_subject)");
+    let rows: Vec<TrailRowValues> = events
         .into_iter()
         .map(|e| {
             let description = e.description();
@@ -80,7 +83,12 @@ fn audit_event(
         Value::Text(t) => Some(t.clone()),
         Value::Null | Value::Absent => None,
     };
-    let rows: Vec<_> = reading::subject_events(token, Some(event_id))
+    let events = reading::subject_events(token, Some(event_id));
+    access::record_trail_read(
+        token,
+        &format!("viewed audit event {event_id} (audit_event)"),
+    );
+    let rows: Vec<_> = events
         .into_iter()
         .flat_map(|e| {
             let values: Vec<(Option<String>, Option<String>)> = match &e.payload {
@@ -99,4 +107,21 @@ fn audit_event(
         })
         .collect();
     TableIterator::new(rows)
+}
+
+/// The whole trail as one document, for a data-subject access request
+/// (GDPR Art. 15/20); `docs/export.md` documents it.
+#[pg_extern(volatile, parallel_unsafe)]
+fn export_subject(token: &str) -> pgrx::JsonB {
+    let events = reading::subject_events(token, None);
+    access::record_trail_read(token, "exported audit trail (export_subject)");
+    pgrx::JsonB(reading::export_document(token, &events))
+}
+
+/// Records that the application retrieved this subject's data (no key
+/// needed); returns the event id. The title is stored as plain metadata, the
+/// description encrypted in the subject's trail.
+#[pg_extern(volatile, parallel_unsafe)]
+fn record_access(token: &str, title: &str, description: default!(Option<&str>, "NULL")) -> i64 {
+    access::record_application_access(token, title, description)
 }

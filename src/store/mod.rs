@@ -59,6 +59,16 @@ pub fn prepared(
     plan
 }
 
+/// The first column of the first row of a read-only query. Unlike
+/// `Spi::get_one_with_args`, it does not mark the transaction as writing:
+/// no transaction id is assigned, and it works on a hot standby.
+pub fn select_one<A: pgrx::FromDatum + pgrx::IntoDatum>(
+    query: &str,
+    args: &[pgrx::datum::DatumWithOid<'_>],
+) -> pgrx::spi::Result<Option<A>> {
+    pgrx::spi::Spi::connect(|client| client.select(query, Some(1), args)?.first().get_one())
+}
+
 /// The audit schema's relations, resolved by name inside the schema only.
 pub fn relations() -> Relations {
     if let Some(r) = RELATIONS.with(Cell::get) {

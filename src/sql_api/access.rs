@@ -1,0 +1,70 @@
+//! Who looked: every read of a subject's trail, and every retrieval the
+//! application reports with `record_access`, leaves a READ event in that
+//! subject's trail, with the reader's context and reason.
+
+use pgrx::prelude::*;
+use pgrx::PgSqlErrorCode::*;
+use zeroize::Zeroizing;
+
+use crate::envelope::PayloadWriter;
+use crate::keyring;
+use crate::recorder::{self, Draft, Header, StatementContext, Subject};
+use crate::store::error::raise_with_hint;
+
+/// Why no event can be written here, if none can.
+fn read_only_reason() -> Option<&'static str> {
+    if unsafe { pg_sys::RecoveryInProgress() } {
+        Some("the server is a hot standby")
+    } else if unsafe { pg_sys::XactReadOnly } {
+        Some("the transaction is read-only")
+    } else {
+        None
+    }
+}
+
+/// Records that the trail of `token` was read by one of our functions. In a
+/// read-only transaction or on a standby the read goes on unrecorded, with a
+/// NOTICE saying so.
+pub fn record_trail_read(token: &str, title: &str) {
+    if let Some(why) = read_only_reason() {
+        notice!("this read of the audit trail is not recorded in the subject's trail: {why}");
+        return;
+    }
+    record_read(token, title, None);
+}
+
+/// The application's own retrieval of a subject's data; returns the event id.
+pub fn record_application_access(token: &str, title: &str, description: Option<&str>) -> i64 {
+    if title.trim().is_empty() {
+        raise_with_hint(
+            ERRCODE_INVALID_PARAMETER_VALUE,
+            "the title of an access must not be empty",
+            "say what was retrieved, e.g. 'opened customer profile'",
+        );
+    }
+    if let Some(why) = read_only_reason() {
+        raise_with_hint(
+            ERRCODE_READ_ONLY_SQL_TRANSACTION,
+            format!("cannot record an access: {why}"),
+            "record accesses in a read-write transaction on the primary",
+        );
+    }
+    record_read(token, title, description)
+}
+
+fn record_read(token: &str, title: &str, note: Option<&str>) -> i64 {
+    let statement = StatementContext::current();
+    let payload = PayloadWriter::with_note(statement.reason.as_deref(), note).finish();
+    let header = Header {
+        operation: "READ",
+        status: "ok",
+        title: Some(title),
+        table_name: None,
+    };
+    let draft = Draft {
+        subject: Subject::Digest(keyring::subject_digest(token.as_bytes())),
+        columns: None,
+        payload: Some(Zeroizing::new(payload)),
+    };
+    recorder::record(&header, &statement, &[draft])[0]
+}
