@@ -38,6 +38,10 @@ static mut SESSION_KEY: *mut c_char = std::ptr::null_mut();
 
 /// What `subject_audit.session_key` holds once its keys were taken.
 const SESSION_KEY_MASK: &CStr = c"(hidden)";
+/// Owned by the GUC machinery; only ever holds the mask, never a token.
+static mut SESSION_SUBJECT: *mut c_char = std::ptr::null_mut();
+/// What `subject_audit.session_subject` holds once the session is bound.
+const SESSION_SUBJECT_MASK: &CStr = c"(bound)";
 
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
@@ -73,6 +77,18 @@ pub extern "C-unwind" fn _PG_init() {
             None,
             Some(show_session_key),
         );
+        pg_sys::DefineCustomStringVariable(
+            c"subject_audit.session_subject".as_ptr(),
+            c"Binds this connection to one subject (a token), from the startup options.".as_ptr(),
+            c"The reading functions and record_access then refuse any other token until the connection ends.".as_ptr(),
+            &raw mut SESSION_SUBJECT,
+            c"".as_ptr(),
+            pg_sys::GucContext::PGC_BACKEND,
+            (pg_sys::GUC_NO_SHOW_ALL | pg_sys::GUC_NOT_IN_SAMPLE | pg_sys::GUC_SUPERUSER_ONLY) as i32,
+            Some(check_session_subject),
+            None,
+            Some(show_session_subject),
+        );
     }
     // Registration order matters: these relcache callbacks consult the
     // relation OIDs that `store` forgets in its own callback, registered last.
@@ -80,6 +96,7 @@ pub extern "C-unwind" fn _PG_init() {
     capture::init();
     store::init();
     ledger::worker::init();
+    sql_api::init();
     // After every subject_audit.* setting is defined: a misspelt one is then an error.
     unsafe { pg_sys::MarkGUCPrefixReserved(c"subject_audit".as_ptr()) };
 }
@@ -128,6 +145,52 @@ unsafe extern "C-unwind" fn show_session_key() -> *const c_char {
         c"".as_ptr()
     } else {
         SESSION_KEY_MASK.as_ptr()
+    }
+}
+
+/// Binds the session and masks the value (a token is personal data).
+/// Accepted only in the connection's startup options: stored anywhere else
+/// (ALTER ROLE/DATABASE/SYSTEM, postgresql.conf) the token would sit in
+/// plaintext in a catalog or file and bind sessions it was not meant for.
+#[pg_guard]
+unsafe extern "C-unwind" fn check_session_subject(
+    newval: *mut *mut c_char,
+    _extra: *mut *mut c_void,
+    source: pg_sys::GucSource::Type,
+) -> bool {
+    if newval.is_null() || (*newval).is_null() {
+        return true;
+    }
+    let raw = CStr::from_ptr(*newval);
+    if raw.is_empty() || raw == SESSION_SUBJECT_MASK || source == pg_sys::GucSource::PGC_S_DEFAULT {
+        return true;
+    }
+    if source != pg_sys::GucSource::PGC_S_CLIENT {
+        pg_sys::GUC_check_errmsg_string = pg_sys::pstrdup(
+            c"subject_audit.session_subject is accepted only in connection startup options; use bind_subject() in a session".as_ptr(),
+        );
+        return false;
+    }
+    if !keyring::bind_from_setting(&raw.to_string_lossy()) {
+        pg_sys::GUC_check_errmsg_string =
+            pg_sys::pstrdup(c"this session is already bound to another subject".as_ptr());
+        return false;
+    }
+    let mask = libc::strdup(SESSION_SUBJECT_MASK.as_ptr());
+    if mask.is_null() {
+        return false;
+    }
+    libc::free((*newval).cast());
+    *newval = mask;
+    true
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn show_session_subject() -> *const c_char {
+    if keyring::is_bound() {
+        SESSION_SUBJECT_MASK.as_ptr()
+    } else {
+        c"".as_ptr()
     }
 }
 

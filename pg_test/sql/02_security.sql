@@ -9,8 +9,8 @@ GRANT SELECT, INSERT, UPDATE, DELETE ON people TO app;
 
 -- 1. Writers need no secret and no grant on the audit schema.
 \c - app
-SELECT has_schema_privilege('subject_audit', 'CREATE') AS can_create,
-       has_table_privilege('subject_audit.event', 'INSERT') AS can_insert_events;
+SELECT has_schema_privilege('subject_audit', 'USAGE') AS can_use_schema,
+       has_schema_privilege('subject_audit', 'CREATE') AS can_create;
 INSERT INTO people VALUES (1, 'zoe@example.org', 'Zoë Quartermaine', 'likes tea'),
                           (2, 'yan@example.org', 'Yan Oduya', 'VIP');
 UPDATE people SET full_name = 'Zoë Q. Quartermaine' WHERE id = 1;

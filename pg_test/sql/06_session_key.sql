@@ -11,6 +11,7 @@ CREATE TABLE clients (id int PRIMARY KEY, token text, email text);
 SELECT subject_audit.track('clients', 'token');
 INSERT INTO clients VALUES (1, 't-1', 'one@example.com');
 CREATE ROLE reader LOGIN;
+SELECT subject_audit.grant_reader('reader');
 \getenv test_dir PG_TEST_DIR
 \setenv SK_HEX :sk_hex
 \set with_key 'dbname=' :DBNAME ' user=reader options=-csubject_audit.session_key=' :sk_hex

@@ -10,7 +10,7 @@ CREATE TABLE patients (id int PRIMARY KEY, ref text, email text, notes jsonb);
 SELECT subject_audit.track('patients', 'ref');
 CREATE ROLE clinic_app LOGIN;
 GRANT ALL ON patients TO clinic_app;
-GRANT EXECUTE ON FUNCTION subject_audit.record_access(text, text, text) TO clinic_app;
+SELECT subject_audit.grant_writer('clinic_app');
 SET ROLE clinic_app;
 INSERT INTO patients VALUES (1, 'p-1', 'ann@example.com', '{"allergy": "none"}'),
                             (2, 'p-2', 'bob@example.com', NULL);

@@ -2,6 +2,7 @@
 //!
 //! - `session`: the reader side, private keys this session unlocked and the
 //!   HPKE receiver contexts derived from them.
+//! - `binding`: the subject a customer-facing session is bound to, if any.
 //! - `writer`: the writer side, this backend's HPKE sender context, the
 //!   subject keys it has used and the subject digester.
 //!
@@ -10,11 +11,14 @@
 //! relcache invalidation of our key tables, sent on key install/retire and on
 //! erasure, drops the matching cache in every backend.
 
+mod binding;
 mod session;
 mod writer;
 
+pub use binding::{bind, bind_from_setting, check_bound, is_bound};
 pub use session::{
-    ensure_unlocked, lock, reader_data_key, stash_from_setting, unlock, KeyNotUnlocked,
+    ensure_unlocked, lock, reader_data_key, stash_from_setting, unlock, unlock_pending,
+    KeyNotUnlocked,
 };
 pub use writer::{subject_digest, subject_keys, writer_context};
 

@@ -42,7 +42,8 @@ thread_local! {
 /// An event is encrypted under a key this session has not unlocked.
 pub struct KeyNotUnlocked(pub i32);
 
-pub fn unlock(private_key: &[u8]) -> usize {
+/// Adds a key; returns its key id and how many keys the ring holds.
+pub fn unlock(private_key: &[u8]) -> (i32, usize) {
     let key = parse_private_key(private_key);
     add_key(key, "this private key matches no installed public key")
 }
@@ -59,7 +60,7 @@ fn parse_private_key(bytes: &[u8]) -> SecretKey {
     key
 }
 
-fn add_key(private_key: SecretKey, unmatched: &str) -> usize {
+fn add_key(private_key: SecretKey, unmatched: &str) -> (i32, usize) {
     wipe_at_exit();
     let public_key = crypto::public_key_of(&private_key[..])
         .unwrap_or_else(|e| raise(ERRCODE_INVALID_PARAMETER_VALUE, e.to_string()));
@@ -85,7 +86,7 @@ fn add_key(private_key: SecretKey, unmatched: &str) -> usize {
                 private_key,
             });
         }
-        s.keys.len()
+        (key_id, s.keys.len())
     })
 }
 
@@ -147,9 +148,9 @@ fn decode_hex_key(item: &str) -> Option<SecretKey> {
     Some(key)
 }
 
-/// Makes sure at least one key is unlocked, first adding any keys given in
-/// `subject_audit.session_key`.
-pub fn ensure_unlocked() {
+/// Adds the keys given in `subject_audit.session_key` that were not checked
+/// yet; returns their key ids.
+pub fn unlock_pending() -> Vec<i32> {
     let (pending, malformed) = SESSION.with(|s| {
         let mut s = s.borrow_mut();
         (
@@ -163,12 +164,21 @@ pub fn ensure_unlocked() {
             "subject_audit.session_key is malformed: expected 64 hex digits per key, comma-separated",
         );
     }
-    for key in pending {
-        add_key(
-            key,
-            "subject_audit.session_key holds a key that matches no installed public key",
-        );
-    }
+    pending
+        .into_iter()
+        .map(|key| {
+            add_key(
+                key,
+                "subject_audit.session_key holds a key that matches no installed public key",
+            )
+            .0
+        })
+        .collect()
+}
+
+/// Makes sure at least one key is unlocked.
+pub fn ensure_unlocked() {
+    unlock_pending();
     if SESSION.with(|s| s.borrow().keys.is_empty()) {
         raise_with_hint(
             ERRCODE_INSUFFICIENT_PRIVILEGE,

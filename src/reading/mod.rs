@@ -5,8 +5,11 @@
 use pgrx::datum::ToIsoString;
 use pgrx::prelude::*;
 use pgrx::PgSqlErrorCode::*;
+use std::collections::HashMap;
+
 use serde_json::{Map, Value as Json};
 
+use crate::crypto::DataKey;
 use crate::envelope::{self, Binding, Payload, Value};
 use crate::keyring::{self, KeyNotUnlocked};
 use crate::store::{self, error::raise, error::raise_with_hint};
@@ -160,6 +163,7 @@ pub fn subject_events(token: &str, only_event: Option<i64>) -> Vec<DecryptedEven
         Spi::connect(|client| {
             let rows = client.select(query, None, &[digest.to_vec().into(), only_event.into()])?;
             let mut events = Vec::with_capacity(rows.len());
+            let mut keys = DataKeys::new();
             for row in rows {
                 let mut event = DecryptedEvent {
                     event_id: row.get(1)?.unwrap_or_default(),
@@ -192,7 +196,7 @@ pub fn subject_events(token: &str, only_event: Option<i64>) -> Vec<DecryptedEven
                         nonce: row.get::<Vec<u8>>(11)?.unwrap_or_default(),
                         ciphertext,
                     };
-                    event.payload = Some(decrypt(&event, &stored, &digest, &salt));
+                    event.payload = Some(decrypt(&event, &stored, &digest, &salt, &mut keys));
                 }
                 events.push(event);
             }
@@ -217,11 +221,16 @@ struct StoredCiphertext {
     ciphertext: Vec<u8>,
 }
 
+/// Data keys derived during one read, by writer context and subject key: a
+/// subject's events from one writer share a key, derived once.
+type DataKeys = HashMap<(i64, Option<i64>), Box<DataKey>>;
+
 fn decrypt(
     event: &DecryptedEvent,
     stored: &StoredCiphertext,
     digest: &[u8],
     salt: &[u8],
+    keys: &mut DataKeys,
 ) -> Payload {
     let event_id = event.event_id;
     let (Some(context_id), Some(key_id)) = (stored.context_id, stored.key_id) else {
@@ -230,15 +239,17 @@ fn decrypt(
             format!("event {event_id} names no writer context"),
         );
     };
-    let key = keyring::reader_data_key(context_id, key_id, &stored.encapsulated_key, Some(salt)).unwrap_or_else(
-        |KeyNotUnlocked(key_id)| {
-            raise_with_hint(
-                ERRCODE_INSUFFICIENT_PRIVILEGE,
-                format!("event {event_id} is encrypted under key {key_id}, which this session has not unlocked"),
-                "unlock that key's private key too: subject_audit.unlock() accepts several keys",
-            )
-        },
-    );
+    let key = keys.entry((context_id, stored.subject_key_id)).or_insert_with(|| {
+        let key = keyring::reader_data_key(context_id, key_id, &stored.encapsulated_key, Some(salt))
+            .unwrap_or_else(|KeyNotUnlocked(key_id)| {
+                raise_with_hint(
+                    ERRCODE_INSUFFICIENT_PRIVILEGE,
+                    format!("event {event_id} is encrypted under key {key_id}, which this session has not unlocked"),
+                    "unlock that key's private key too: subject_audit.unlock() accepts several keys",
+                )
+            });
+        Box::new(key)
+    });
     let columns: Vec<&str> = event.changed_columns.iter().map(String::as_str).collect();
     let binding = Binding {
         event_id,
@@ -251,7 +262,7 @@ fn decrypt(
             Some(&columns),
         ),
     };
-    envelope::open_event(&key, &stored.nonce, &binding, &stored.ciphertext).unwrap_or_else(|_| {
+    envelope::open_event(key, &stored.nonce, &binding, &stored.ciphertext).unwrap_or_else(|_| {
         raise(
             ERRCODE_DATA_CORRUPTED,
             format!("event {event_id} failed authentication: its ciphertext does not belong to this event and subject"),

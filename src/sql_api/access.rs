@@ -6,21 +6,11 @@ use pgrx::prelude::*;
 use pgrx::PgSqlErrorCode::*;
 use zeroize::Zeroizing;
 
+use super::admin::read_only_reason;
 use crate::envelope::PayloadWriter;
 use crate::keyring;
 use crate::recorder::{self, Draft, Header, StatementContext, Subject};
 use crate::store::error::raise_with_hint;
-
-/// Why no event can be written here, if none can.
-fn read_only_reason() -> Option<&'static str> {
-    if unsafe { pg_sys::RecoveryInProgress() } {
-        Some("the server is a hot standby")
-    } else if unsafe { pg_sys::XactReadOnly } {
-        Some("the transaction is read-only")
-    } else {
-        None
-    }
-}
 
 /// Records that the trail of `token` was read by one of our functions. In a
 /// read-only transaction or on a standby the read goes on unrecorded, with a
@@ -35,6 +25,7 @@ pub fn record_trail_read(token: &str, title: &str) {
 
 /// The application's own retrieval of a subject's data; returns the event id.
 pub fn record_application_access(token: &str, title: &str, description: Option<&str>) -> i64 {
+    keyring::check_bound(token);
     if title.trim().is_empty() {
         raise_with_hint(
             ERRCODE_INVALID_PARAMETER_VALUE,
@@ -67,4 +58,21 @@ fn record_read(token: &str, title: &str, note: Option<&str>) -> i64 {
         payload: Some(Zeroizing::new(payload)),
     };
     recorder::record(&header, &statement, &[draft])[0]
+}
+
+/// Checks that this session may read `token`'s trail (a subject-bound
+/// session reads only its own subject), and records the unlocks of keys
+/// given in `subject_audit.session_key`, checked on first use.
+pub fn before_trail_read(token: &str) {
+    keyring::check_bound(token);
+    for key_id in keyring::unlock_pending() {
+        super::admin::record_unlock(key_id, "subject_audit.session_key");
+    }
+}
+
+/// Binds this session to one subject for the rest of its life: the reading
+/// functions and `record_access` refuse every other token from then on.
+#[pg_extern(volatile, parallel_unsafe)]
+fn bind_subject(token: &str) {
+    keyring::bind(token);
 }

@@ -14,6 +14,7 @@ use crate::store::{self, error::raise};
 /// same token starts a new subject key.
 #[pg_extern(volatile, parallel_unsafe)]
 fn forget_subject(token: &str) -> i64 {
+    keyring::check_bound(token);
     let subject_digest = keyring::subject_digest(token.as_bytes());
     let digest = subject_digest.to_vec();
     let erased = store::as_owner(|| {

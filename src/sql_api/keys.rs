@@ -56,7 +56,9 @@ fn install_public_key(public_key: &[u8]) -> i32 {
 /// Adds a private key to this session's keyring; returns how many keys it holds.
 #[pg_extern(volatile, parallel_unsafe)]
 fn unlock(private_key: &[u8]) -> i32 {
-    keyring::unlock(private_key) as i32
+    let (key_id, keys) = keyring::unlock(private_key);
+    admin::record_unlock(key_id, "unlock()");
+    keys as i32
 }
 
 /// Wipes this session's keyring.

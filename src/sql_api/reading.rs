@@ -41,6 +41,7 @@ fn audit_for_subject(
         name!(after, Option<pgrx::JsonB>),
     ),
 > {
+    access::before_trail_read(token);
     let events = reading::subject_events(token, None);
     access::record_trail_read(token, "viewed audit trail (audit_for_subject)");
     let rows: Vec<TrailRowValues> = events
@@ -83,6 +84,7 @@ fn audit_event(
         Value::Text(t) => Some(t.clone()),
         Value::Null | Value::Absent => None,
     };
+    access::before_trail_read(token);
     let events = reading::subject_events(token, Some(event_id));
     access::record_trail_read(
         token,
@@ -113,6 +115,7 @@ fn audit_event(
 /// (GDPR Art. 15/20); `docs/export.md` documents it.
 #[pg_extern(volatile, parallel_unsafe)]
 fn export_subject(token: &str) -> pgrx::JsonB {
+    access::before_trail_read(token);
     let events = reading::subject_events(token, None);
     access::record_trail_read(token, "exported audit trail (export_subject)");
     pgrx::JsonB(reading::export_document(token, &events))

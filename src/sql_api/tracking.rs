@@ -4,7 +4,7 @@ use pgrx::prelude::*;
 use pgrx::PgSqlErrorCode::*;
 use pgrx::{spi, PgRelation};
 
-use super::admin;
+use super::{admin, ddl_trail};
 use crate::capture;
 use crate::store::{self, error::raise};
 
@@ -136,6 +136,10 @@ fn untrack(tbl: PgRelation) {
 
 /// Drops the capture triggers `tbl` has, quietly (no "does not exist" notices).
 fn drop_triggers(tbl: &PgRelation, name: &str) {
+    ddl_trail::own_ddl(|| drop_each_trigger(tbl, name));
+}
+
+fn drop_each_trigger(tbl: &PgRelation, name: &str) {
     for (trigger, _, _) in TRIGGERS {
         let exists = Spi::get_one_with_args::<bool>(
             "SELECT EXISTS (SELECT FROM pg_catalog.pg_trigger \

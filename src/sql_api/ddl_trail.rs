@@ -1,0 +1,249 @@
+//! Utility statements that change how auditing works enter the admin trail,
+//! once they succeeded, in the database where they ran:
+//! - SETTING: ALTER SYSTEM, ALTER DATABASE … SET and ALTER ROLE … SET on a
+//!   `subject_audit.*` parameter (and RESET ALL, which resets ours too). A
+//!   session's own SET is not recorded: it changes nothing for anyone else.
+//! - CAPTURE_OFF: dropping or disabling a capture trigger behind `untrack()`'s
+//!   back (DROP TRIGGER, ALTER TABLE … DISABLE TRIGGER), so switching capture
+//!   off never goes unseen.
+//!
+//! Needs the library loaded before the statement runs: with
+//! `shared_preload_libraries` it always is.
+
+use std::cell::Cell;
+use std::ffi::CStr;
+
+use pgrx::pg_sys;
+
+use super::admin;
+
+static mut PREVIOUS_PROCESS_UTILITY: pg_sys::ProcessUtility_hook_type = None;
+
+thread_local! {
+    /// Set while `track()`/`untrack()` manage the triggers themselves: they
+    /// leave their own TRACK/UNTRACK events.
+    static OWN_DDL: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Runs `f`, whose trigger DDL is the extension's own and not recorded here.
+pub fn own_ddl<R>(f: impl FnOnce() -> R) -> R {
+    /// Restores the flag however `f` ends, an error included.
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            OWN_DDL.with(|o| o.set(self.0));
+        }
+    }
+    let _restore = Restore(OWN_DDL.with(|o| o.replace(true)));
+    f()
+}
+
+/// Settings whose value is recorded; the others may hold personal values
+/// (actor, reason) or secrets (session key, session subject).
+const VALUE_RECORDED: [&str; 3] = [
+    "subject_audit.database",
+    "subject_audit.seal_interval",
+    "subject_audit.log_reads",
+];
+
+/// Installs the utility hook. Called from `_PG_init`.
+pub fn init() {
+    unsafe {
+        PREVIOUS_PROCESS_UTILITY = pg_sys::ProcessUtility_hook;
+        pg_sys::ProcessUtility_hook = Some(process_utility);
+    }
+}
+
+#[pgrx::pg_guard]
+#[allow(clippy::too_many_arguments)]
+unsafe extern "C-unwind" fn process_utility(
+    statement: *mut pg_sys::PlannedStmt,
+    query: *const std::ffi::c_char,
+    read_only_tree: bool,
+    context: pg_sys::ProcessUtilityContext::Type,
+    params: pg_sys::ParamListInfo,
+    query_env: *mut pg_sys::QueryEnvironment,
+    dest: *mut pg_sys::DestReceiver,
+    completion: *mut pg_sys::QueryCompletion,
+) {
+    // Described before running: the statement's tree may be scribbled on.
+    let node = (*statement).utilityStmt;
+    let change = describe_setting(node)
+        .map(|title| ("SETTING", title))
+        .or_else(|| {
+            let own = OWN_DDL.with(Cell::get);
+            (!own)
+                .then(|| describe_capture_off(node))
+                .flatten()
+                .map(|title| ("CAPTURE_OFF", title))
+        });
+    match PREVIOUS_PROCESS_UTILITY {
+        Some(previous) => pg_sys::ffi::pg_guard_ffi_boundary(|| {
+            previous(
+                statement,
+                query,
+                read_only_tree,
+                context,
+                params,
+                query_env,
+                dest,
+                completion,
+            )
+        }),
+        None => pg_sys::standard_ProcessUtility(
+            statement,
+            query,
+            read_only_tree,
+            context,
+            params,
+            query_env,
+            dest,
+            completion,
+        ),
+    }
+    if let Some((operation, title)) = change {
+        let installed =
+            pg_sys::get_extension_oid(c"pg_subject_audit".as_ptr(), true) != pg_sys::InvalidOid;
+        if installed {
+            admin::record(operation, &title, None);
+        }
+    }
+}
+
+/// `ALTER ROLE app SET subject_audit.log_reads = 'off'`, if the statement
+/// changes one of our settings beyond this session.
+unsafe fn describe_setting(node: *mut pg_sys::Node) -> Option<String> {
+    if node.is_null() {
+        return None;
+    }
+    let (scope, set) = match (*node).type_ {
+        pg_sys::NodeTag::T_AlterSystemStmt => {
+            let stmt = node as *mut pg_sys::AlterSystemStmt;
+            ("ALTER SYSTEM".to_owned(), (*stmt).setstmt)
+        }
+        pg_sys::NodeTag::T_AlterDatabaseSetStmt => {
+            let stmt = node as *mut pg_sys::AlterDatabaseSetStmt;
+            (
+                format!("ALTER DATABASE {}", text((*stmt).dbname)),
+                (*stmt).setstmt,
+            )
+        }
+        pg_sys::NodeTag::T_AlterRoleSetStmt => {
+            let stmt = node as *mut pg_sys::AlterRoleSetStmt;
+            let role = match (*stmt).role.is_null() {
+                true => "ALL".to_owned(),
+                false => text(pg_sys::get_rolespec_name((*stmt).role)),
+            };
+            let database = match (*stmt).database.is_null() {
+                true => String::new(),
+                false => format!(" IN DATABASE {}", text((*stmt).database)),
+            };
+            (format!("ALTER ROLE {role}{database}"), (*stmt).setstmt)
+        }
+        _ => return None,
+    };
+    if set.is_null() {
+        return None;
+    }
+    if (*set).kind == pg_sys::VariableSetKind::VAR_RESET_ALL {
+        return Some(format!("{scope} RESET ALL"));
+    }
+    let name = text((*set).name).to_lowercase();
+    if !name.starts_with("subject_audit.") {
+        return None;
+    }
+    let action = match (*set).kind {
+        pg_sys::VariableSetKind::VAR_SET_VALUE if VALUE_RECORDED.contains(&name.as_str()) => {
+            format!("SET {name} = '{}'", text(pg_sys::ExtractSetVariableArgs(set)))
+        }
+        pg_sys::VariableSetKind::VAR_SET_VALUE => format!("SET {name} (value not recorded)"),
+        pg_sys::VariableSetKind::VAR_SET_DEFAULT | pg_sys::VariableSetKind::VAR_RESET => {
+            format!("RESET {name}")
+        }
+        _ => format!("SET {name}"),
+    };
+    Some(format!("{scope} {action}"))
+}
+
+/// `DROP TRIGGER subject_audit_capture_update ON public.customers`, if the
+/// statement drops or disables a capture trigger (or all triggers) of a table.
+unsafe fn describe_capture_off(node: *mut pg_sys::Node) -> Option<String> {
+    if node.is_null() {
+        return None;
+    }
+    match (*node).type_ {
+        pg_sys::NodeTag::T_DropStmt => {
+            let stmt = node as *mut pg_sys::DropStmt;
+            if (*stmt).removeType != pg_sys::ObjectType::OBJECT_TRIGGER {
+                return None;
+            }
+            // Each object is a name list: [schema.]table.trigger.
+            let dropped: Vec<String> = list_items((*stmt).objects)
+                .into_iter()
+                .map(|names| {
+                    list_items(names.cast())
+                        .into_iter()
+                        .map(|n| text((*(n as *mut pg_sys::String)).sval))
+                        .collect::<Vec<_>>()
+                })
+                .filter(|parts| parts.last().is_some_and(|t| is_capture_trigger(t)))
+                .map(|parts| {
+                    let (trigger, table) = parts.split_last().expect("non-empty");
+                    format!("{trigger} ON {}", table.join("."))
+                })
+                .collect();
+            (!dropped.is_empty()).then(|| format!("DROP TRIGGER {}", dropped.join(", ")))
+        }
+        pg_sys::NodeTag::T_AlterTableStmt => {
+            let stmt = node as *mut pg_sys::AlterTableStmt;
+            let disabled: Vec<String> = list_items((*stmt).cmds)
+                .into_iter()
+                .filter_map(|cmd| {
+                    let cmd = cmd as *mut pg_sys::AlterTableCmd;
+                    match (*cmd).subtype {
+                        pg_sys::AlterTableType::AT_DisableTrig
+                            if is_capture_trigger(&text((*cmd).name)) =>
+                        {
+                            Some(format!("DISABLE TRIGGER {}", text((*cmd).name)))
+                        }
+                        pg_sys::AlterTableType::AT_DisableTrigAll => Some("DISABLE TRIGGER ALL".into()),
+                        pg_sys::AlterTableType::AT_DisableTrigUser => {
+                            Some("DISABLE TRIGGER USER".into())
+                        }
+                        _ => None,
+                    }
+                })
+                .collect();
+            let relation = (*stmt).relation;
+            if disabled.is_empty() || relation.is_null() {
+                return None;
+            }
+            let table = match (*relation).schemaname.is_null() {
+                true => text((*relation).relname),
+                false => format!("{}.{}", text((*relation).schemaname), text((*relation).relname)),
+            };
+            Some(format!("ALTER TABLE {table} {}", disabled.join(", ")))
+        }
+        _ => None,
+    }
+}
+
+fn is_capture_trigger(name: &str) -> bool {
+    name.starts_with("subject_audit_capture_")
+}
+
+unsafe fn list_items(list: *mut pg_sys::List) -> Vec<*mut std::ffi::c_void> {
+    if list.is_null() {
+        return Vec::new();
+    }
+    (0..(*list).length as usize)
+        .map(|i| (*(*list).elements.add(i)).ptr_value)
+        .collect()
+}
+
+unsafe fn text(s: *const std::ffi::c_char) -> String {
+    if s.is_null() {
+        return String::new();
+    }
+    CStr::from_ptr(s).to_string_lossy().into_owned()
+}
