@@ -59,7 +59,11 @@ pub fn is_bound() -> bool {
 
 /// Refuses `token` if the session is bound to another subject.
 pub fn check_bound(token: &str) {
-    let allowed = BOUND.with(|b| b.borrow().as_deref().is_none_or(|bound| bound.as_str() == token));
+    let allowed = BOUND.with(|b| {
+        b.borrow()
+            .as_deref()
+            .is_none_or(|bound| bound.as_str() == token)
+    });
     if !allowed {
         raise_with_hint(
             ERRCODE_INSUFFICIENT_PRIVILEGE,

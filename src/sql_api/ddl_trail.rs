@@ -154,7 +154,10 @@ unsafe fn describe_setting(node: *mut pg_sys::Node) -> Option<String> {
     }
     let action = match (*set).kind {
         pg_sys::VariableSetKind::VAR_SET_VALUE if VALUE_RECORDED.contains(&name.as_str()) => {
-            format!("SET {name} = '{}'", text(pg_sys::ExtractSetVariableArgs(set)))
+            format!(
+                "SET {name} = '{}'",
+                text(pg_sys::ExtractSetVariableArgs(set))
+            )
         }
         pg_sys::VariableSetKind::VAR_SET_VALUE => format!("SET {name} (value not recorded)"),
         pg_sys::VariableSetKind::VAR_SET_DEFAULT | pg_sys::VariableSetKind::VAR_RESET => {
@@ -206,7 +209,9 @@ unsafe fn describe_capture_off(node: *mut pg_sys::Node) -> Option<String> {
                         {
                             Some(format!("DISABLE TRIGGER {}", text((*cmd).name)))
                         }
-                        pg_sys::AlterTableType::AT_DisableTrigAll => Some("DISABLE TRIGGER ALL".into()),
+                        pg_sys::AlterTableType::AT_DisableTrigAll => {
+                            Some("DISABLE TRIGGER ALL".into())
+                        }
                         pg_sys::AlterTableType::AT_DisableTrigUser => {
                             Some("DISABLE TRIGGER USER".into())
                         }
@@ -220,7 +225,11 @@ unsafe fn describe_capture_off(node: *mut pg_sys::Node) -> Option<String> {
             }
             let table = match (*relation).schemaname.is_null() {
                 true => text((*relation).relname),
-                false => format!("{}.{}", text((*relation).schemaname), text((*relation).relname)),
+                false => format!(
+                    "{}.{}",
+                    text((*relation).schemaname),
+                    text((*relation).relname)
+                ),
             };
             Some(format!("ALTER TABLE {table} {}", disabled.join(", ")))
         }
