@@ -25,6 +25,8 @@ mod reading;
 mod recorder;
 mod sql_api;
 mod store;
+#[cfg(test)]
+mod test_support;
 
 ::pgrx::pg_module_magic!(name, version);
 

@@ -1,5 +1,6 @@
 //! Capture: statement-level AFTER triggers with transition tables turn every
-//! INSERT, UPDATE and DELETE on a tracked table into encrypted events.
+//! INSERT, UPDATE and DELETE on a tracked table into encrypted events; a
+//! BEFORE TRUNCATE trigger records every row a TRUNCATE is about to remove.
 //!
 //! Per statement: read the transition tables straight from their tuplestores,
 //! diff old and new tuples datum by datum, format only what is recorded, then
@@ -29,6 +30,7 @@ pub enum Operation {
     Insert,
     Update,
     Delete,
+    Truncate,
 }
 
 impl Operation {
@@ -37,6 +39,7 @@ impl Operation {
             Operation::Insert => "INSERT",
             Operation::Update => "UPDATE",
             Operation::Delete => "DELETE",
+            Operation::Truncate => "TRUNCATE",
         }
     }
 }
@@ -57,6 +60,11 @@ unsafe extern "C-unwind" fn on_relcache_invalidation(_arg: pg_sys::Datum, relid:
 }
 
 unsafe extern "C-unwind" {
+    fn find_all_inheritors(
+        parent: pg_sys::Oid,
+        lockmode: pg_sys::LOCKMODE,
+        parents: *mut *mut pg_sys::List,
+    ) -> *mut pg_sys::List;
     fn datum_image_eq(
         value1: pg_sys::Datum,
         value2: pg_sys::Datum,
@@ -77,15 +85,13 @@ pub unsafe fn on_statement(trigger: &pg_sys::TriggerData) {
         pg_sys::TRIGGER_EVENT_INSERT => Operation::Insert,
         pg_sys::TRIGGER_EVENT_UPDATE => Operation::Update,
         pg_sys::TRIGGER_EVENT_DELETE => Operation::Delete,
-        _ => raise(
-            ERRCODE_TRIGGERED_ACTION_EXCEPTION,
-            "subject_audit.capture_change() does not handle TRUNCATE",
-        ),
+        _ => Operation::Truncate,
     };
-    if for_row || !after {
+    // TRUNCATE has no transition table: its rows are read before they go.
+    if for_row || after == (operation == Operation::Truncate) {
         raise(
             ERRCODE_TRIGGERED_ACTION_EXCEPTION,
-            "subject_audit.capture_change() must fire AFTER ... FOR EACH STATEMENT; use subject_audit.track()",
+            "subject_audit.capture_change() must fire AFTER ... FOR EACH STATEMENT (BEFORE for TRUNCATE); use subject_audit.track()",
         );
     }
     let relation = trigger.tg_relation;
@@ -121,7 +127,32 @@ pub unsafe fn on_statement(trigger: &pg_sys::TriggerData) {
         pg_sys::MemoryContextSwitchTo(previous);
         pg_sys::MemoryContextReset(row_memory);
     };
+    // The payload of a row recorded whole, as INSERT records it (after) or
+    // DELETE and TRUNCATE do (before).
+    let whole_row = |row: &Row, insert: bool| {
+        let mut payload = PayloadWriter::new(reason);
+        for column in &meta.columns {
+            let value = format_value(column, row);
+            let (before, after) = if insert {
+                (Value::Absent, value)
+            } else {
+                (value, Value::Absent)
+            };
+            payload.column(column.json, before, after);
+        }
+        Draft {
+            subject: subject_of(&meta, row),
+            columns: Some(meta.column_names.clone()),
+            payload: Some(payload.finish().into()),
+        }
+    };
     match operation {
+        Operation::Truncate => {
+            scan_rows(relation, &mut |row| {
+                in_row_memory(&mut || events.push(whole_row(row, false)));
+                flush_full(&mut events);
+            });
+        }
         Operation::Insert | Operation::Delete => {
             let (store, insert) = if operation == Operation::Insert {
                 (trigger.tg_newtable, true)
@@ -130,25 +161,7 @@ pub unsafe fn on_statement(trigger: &pg_sys::TriggerData) {
             };
             let mut reader = TransitionReader::new(store, tupdesc);
             while reader.next() {
-                in_row_memory(&mut || {
-                    let row = reader.row();
-                    let subject = subject_of(&meta, row);
-                    let mut payload = PayloadWriter::new(reason);
-                    for column in &meta.columns {
-                        let value = format_value(column, row);
-                        let (before, after) = if insert {
-                            (Value::Absent, value)
-                        } else {
-                            (value, Value::Absent)
-                        };
-                        payload.column(column.json, before, after);
-                    }
-                    events.push(Draft {
-                        subject,
-                        columns: Some(meta.column_names.clone()),
-                        payload: Some(payload.finish().into()),
-                    });
-                });
+                in_row_memory(&mut || events.push(whole_row(reader.row(), insert)));
                 flush_full(&mut events);
             }
             reader.finish();
@@ -228,6 +241,68 @@ impl Row {
     unsafe fn get(&self, index: usize) -> Option<pg_sys::Datum> {
         (!*self.nulls.add(index)).then(|| *self.values.add(index))
     }
+}
+
+/// Calls `f` with every row of `relation` (of every leaf partition, in the
+/// parent's column layout, for a partitioned table), as of a snapshot taken
+/// now: TRUNCATE holds its lock already, so no committed row is missed.
+unsafe fn scan_rows(relation: pg_sys::Relation, f: &mut dyn FnMut(&Row)) {
+    let relid = (*relation).rd_id;
+    let parent_desc = (*relation).rd_att;
+    let leaves: Vec<pg_sys::Oid> =
+        if (*(*relation).rd_rel).relkind == pg_sys::RELKIND_PARTITIONED_TABLE as std::ffi::c_char {
+            let all = pg_sys::ffi::pg_guard_ffi_boundary(|| {
+                find_all_inheritors(relid, pg_sys::AccessShareLock as i32, std::ptr::null_mut())
+            });
+            (0..(*all).length as usize)
+                .map(|i| (*(*all).elements.add(i)).oid_value)
+                .filter(|&oid| {
+                    pg_sys::get_rel_relkind(oid) == pg_sys::RELKIND_RELATION as std::ffi::c_char
+                })
+                .collect()
+        } else {
+            vec![relid]
+        };
+    let snapshot = pg_sys::RegisterSnapshot(pg_sys::GetLatestSnapshot());
+    for leaf in leaves {
+        let rel = match leaf == relid {
+            true => relation,
+            false => pg_sys::table_open(leaf, pg_sys::AccessShareLock as i32),
+        };
+        let map = match leaf == relid {
+            true => std::ptr::null_mut(),
+            false => pg_sys::convert_tuples_by_name((*rel).rd_att, parent_desc),
+        };
+        let scan_slot = pg_sys::table_slot_create(rel, std::ptr::null_mut());
+        let row_slot = match map.is_null() {
+            true => scan_slot,
+            false => pg_sys::MakeSingleTupleTableSlot(parent_desc, &pg_sys::TTSOpsVirtual),
+        };
+        let scan = pg_sys::table_beginscan(rel, snapshot, 0, std::ptr::null_mut());
+        while pg_sys::table_scan_getnextslot(
+            scan,
+            pg_sys::ScanDirection::ForwardScanDirection,
+            scan_slot,
+        ) {
+            if !map.is_null() {
+                pg_sys::execute_attr_map_slot((*map).attrMap, scan_slot, row_slot);
+            }
+            pg_sys::slot_getallattrs(row_slot);
+            f(&Row {
+                values: (*row_slot).tts_values,
+                nulls: (*row_slot).tts_isnull,
+            });
+        }
+        pg_sys::table_endscan(scan);
+        if !map.is_null() {
+            pg_sys::ExecDropSingleTupleTableSlot(row_slot);
+        }
+        pg_sys::ExecDropSingleTupleTableSlot(scan_slot);
+        if leaf != relid {
+            pg_sys::table_close(rel, pg_sys::AccessShareLock as i32);
+        }
+    }
+    pg_sys::UnregisterSnapshot(snapshot);
 }
 
 /// Reads a transition table through a read pointer of its own, so other

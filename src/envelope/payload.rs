@@ -110,6 +110,9 @@ pub enum DecodeError {
     BadFlags(u8),
     NotUtf8,
     TrailingBytes,
+    /// Bytes no writer produces: an overlong or overflowing varint, or a
+    /// version 2 payload without a note. Each payload has exactly one encoding.
+    NonCanonical,
 }
 
 impl std::fmt::Display for DecodeError {
@@ -120,6 +123,7 @@ impl std::fmt::Display for DecodeError {
             DecodeError::BadFlags(b) => write!(f, "bad column flags {b:#x}"),
             DecodeError::NotUtf8 => f.write_str("payload text is not UTF-8"),
             DecodeError::TrailingBytes => f.write_str("trailing bytes after payload"),
+            DecodeError::NonCanonical => f.write_str("non-canonical payload encoding"),
         }
     }
 }
@@ -133,7 +137,8 @@ impl Payload {
         }
         let reason = r.optional_text()?;
         let note = match version {
-            VERSION_WITH_NOTE => r.optional_text()?,
+            // Version 2 exists for the note: without one, a writer uses version 1.
+            VERSION_WITH_NOTE => Some(r.optional_text()?.ok_or(DecodeError::NonCanonical)?),
             _ => None,
         };
         let count = r.varint()? as usize;
@@ -174,12 +179,21 @@ impl Reader<'_> {
         Ok(b)
     }
 
+    /// A minimal-length LEB128 varint: a last byte of zero after others
+    /// (overlong) or bits beyond 64 (overflow) are refused, so every value has
+    /// exactly one encoding. More than ten bytes reads as truncated.
     fn varint(&mut self) -> Result<u64, DecodeError> {
         let mut value = 0u64;
         for shift in (0..64).step_by(7) {
             let b = self.byte()?;
+            if shift == 63 && (2..0x80).contains(&b) {
+                return Err(DecodeError::NonCanonical);
+            }
             value |= u64::from(b & 0x7f) << shift;
             if b & 0x80 == 0 {
+                if b == 0 && shift > 0 {
+                    return Err(DecodeError::NonCanonical);
+                }
                 return Ok(value);
             }
         }
@@ -314,5 +328,169 @@ mod tests {
             Payload::decode(&[1, 0, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff]),
             Err(DecodeError::Truncated)
         );
+    }
+    #[test]
+    fn rejects_non_canonical_encodings() {
+        // Found by fuzz_payload_decode_mutated / fuzz_payload_varints: each of
+        // these decoded to the payload whose only encoding is `[1, 0, 0]`.
+        assert_eq!(Payload::decode(&[1, 0, 0]), Ok(Payload::default()));
+        for bytes in [
+            &[1, 0x80, 0x00, 0][..],
+            &[1, 0, 0x80, 0x00],
+            &[1, 0, 0x80, 0x80, 0x00],
+            // Version 2 without a note.
+            &[2, 0, 0, 0],
+            // Bits beyond 64 that a u64 would drop: 2 << 63 == 0.
+            &[1, 0, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x02],
+        ] {
+            assert_eq!(
+                Payload::decode(bytes),
+                Err(DecodeError::NonCanonical),
+                "{bytes:x?}"
+            );
+        }
+        // The largest varint still decodes (and is then too long a count).
+        assert_eq!(
+            Payload::decode(&[1, 0, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01]),
+            Err(DecodeError::Truncated)
+        );
+    }
+
+    // Fuzz / property tests (`cargo test --lib fuzz_`; see `crate::test_support`).
+
+    use crate::test_support::{fuzz, hex, no_panic, Rng};
+
+    /// The encoding a writer produces for `p`: the canonical one.
+    fn encode(p: &Payload) -> Vec<u8> {
+        let mut w = PayloadWriter::with_note(p.reason.as_deref(), p.note.as_deref());
+        fn bytes(v: &Value<String>) -> Value<&[u8]> {
+            match v {
+                Value::Absent => Value::Absent,
+                Value::Null => Value::Null,
+                Value::Text(t) => Value::Text(t.as_bytes()),
+            }
+        }
+        for c in &p.columns {
+            w.column(c.json, bytes(&c.before), bytes(&c.after));
+        }
+        w.finish()
+    }
+
+    fn random_value(rng: &mut Rng) -> Value<String> {
+        match rng.below(3) {
+            0 => Value::Absent,
+            1 => Value::Null,
+            _ if rng.one_in(50) => Value::Text("v".repeat(rng.range(100, 20_000))),
+            _ => Value::Text(rng.text(40, &['"', '{', '}', '\\'])),
+        }
+    }
+
+    fn random_payload(rng: &mut Rng) -> Payload {
+        let text = |rng: &mut Rng| rng.coin().then(|| rng.text(30, &[]));
+        let reason = text(rng);
+        let note = text(rng);
+        // Mostly a few columns, sometimes enough for a two-byte column count.
+        let count = if rng.one_in(20) {
+            rng.range(120, 300)
+        } else {
+            rng.len(12)
+        };
+        let columns = (0..count)
+            .map(|_| ColumnValues {
+                json: rng.coin(),
+                before: random_value(rng),
+                after: random_value(rng),
+            })
+            .collect();
+        Payload {
+            reason,
+            note,
+            columns,
+        }
+    }
+
+    /// Decodes `bytes`: never panics, and whatever it accepts is exactly what
+    /// a writer produces for the answer, so no other bytes decode to it.
+    fn check_decode(bytes: &[u8]) -> Result<Payload, DecodeError> {
+        let decoded = no_panic(&hex(bytes), || Payload::decode(bytes));
+        if let Ok(p) = &decoded {
+            assert_eq!(
+                hex(&encode(p)),
+                hex(bytes),
+                "accepted a non-canonical encoding of {p:?}"
+            );
+        }
+        decoded
+    }
+
+    #[test]
+    fn fuzz_payload_round_trip() {
+        fuzz("payload_round_trip", 5_000, |rng| {
+            let p = random_payload(rng);
+            let bytes = encode(&p);
+            assert_eq!(check_decode(&bytes).as_ref(), Ok(&p));
+        });
+    }
+
+    #[test]
+    fn fuzz_payload_decode_random_bytes() {
+        fuzz("payload_decode_random_bytes", 20_000, |rng| {
+            let len = rng.len(48);
+            let mut bytes = rng.bytes(len);
+            // Mostly a known version, so the decoder gets past the first byte.
+            if !bytes.is_empty() && !rng.one_in(8) {
+                bytes[0] = rng.range(1, 2) as u8;
+            }
+            let _ = check_decode(&bytes);
+        });
+    }
+
+    #[test]
+    fn fuzz_payload_decode_mutated() {
+        fuzz("payload_decode_mutated", 20_000, |rng| {
+            let p = random_payload(rng);
+            let original = encode(&p);
+            let mut bytes = original.clone();
+            for _ in 0..rng.range(1, 4) {
+                rng.mutate(&mut bytes);
+            }
+            match check_decode(&bytes) {
+                // A mutation that left the bytes as they were.
+                Ok(q) if bytes == original => assert_eq!(q, p),
+                // Another canonical encoding: a different payload, never the original.
+                Ok(q) => assert_ne!(q, p),
+                Err(_) => {}
+            }
+        });
+    }
+
+    #[test]
+    fn fuzz_payload_varints() {
+        // Hand-made varints in every position a varint can take.
+        fuzz("payload_varints", 20_000, |rng| {
+            let varint = |rng: &mut Rng| {
+                let mut v: Vec<u8> = (0..rng.range(0, 10))
+                    .map(|_| {
+                        let random = rng.byte() | 0x80;
+                        *rng.pick(&[0x80, 0x81, 0xff, random])
+                    })
+                    .collect();
+                let last = rng.byte() & 0x7f;
+                v.push(*rng.pick(&[0x00, 0x01, 0x02, 0x7f, last]));
+                v
+            };
+            let mut bytes = vec![rng.range(1, 2) as u8];
+            for _ in 0..rng.range(1, 4) {
+                bytes.extend(varint(rng));
+                if rng.coin() {
+                    bytes.push(*rng.pick(&[0x00, 0x05, 0x0a, 0x1a]));
+                }
+                if rng.coin() {
+                    let n = rng.len(8);
+                    bytes.extend(rng.bytes(n));
+                }
+            }
+            let _ = check_decode(&bytes);
+        });
     }
 }

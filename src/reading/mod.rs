@@ -44,6 +44,10 @@ impl DecryptedEvent {
             ("INSERT", _) => format!("created {}", self.changed_columns.join(", ")),
             ("UPDATE", _) => format!("changed {}", self.changed_columns.join(", ")),
             ("DELETE", _) => format!("deleted {}", self.changed_columns.join(", ")),
+            ("TRUNCATE", _) => format!(
+                "deleted {} (table truncated)",
+                self.changed_columns.join(", ")
+            ),
             ("ERASE", _) => "erased: the personal values of this subject's earlier events can no longer be decrypted".into(),
             ("READ", _) => self.title.clone(),
             (other, _) => other.to_lowercase(),
@@ -74,7 +78,7 @@ impl DecryptedEvent {
         let object = |m: Map<String, Json>| (!m.is_empty()).then_some(Json::Object(m));
         match self.operation.as_str() {
             "INSERT" => (None, object(after)),
-            "DELETE" => (object(before), None),
+            "DELETE" | "TRUNCATE" => (object(before), None),
             _ => (Some(Json::Object(before)), Some(Json::Object(after))),
         }
     }

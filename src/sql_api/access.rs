@@ -73,6 +73,7 @@ pub fn before_trail_read(token: &str) {
 /// Binds this session to one subject for the rest of its life: the reading
 /// functions and `record_access` refuse every other token from then on.
 #[pg_extern(volatile, parallel_unsafe)]
-fn bind_subject(token: &str) {
+fn bind_subject(token: Option<&str>) {
+    let token = super::required(token, "token");
     keyring::bind(token);
 }

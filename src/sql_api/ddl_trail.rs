@@ -7,6 +7,10 @@
 //!   back (DROP TRIGGER, ALTER TABLE … DISABLE TRIGGER), so switching capture
 //!   off never goes unseen.
 //!
+//! - Tracked tables follow DDL: dropping one removes it from `tracked` (an
+//!   UNTRACK event says so; its events stay), and dropping its subject
+//!   column is refused.
+//!
 //! Needs the library loaded before the statement runs: with
 //! `shared_preload_libraries` it always is.
 
@@ -15,7 +19,7 @@ use std::ffi::CStr;
 
 use pgrx::pg_sys;
 
-use super::admin;
+use super::{admin, tracking};
 
 static mut PREVIOUS_PROCESS_UTILITY: pg_sys::ProcessUtility_hook_type = None;
 
@@ -40,11 +44,7 @@ pub fn own_ddl<R>(f: impl FnOnce() -> R) -> R {
 
 /// Settings whose value is recorded; the others may hold personal values
 /// (actor, reason) or secrets (session key, session subject).
-const VALUE_RECORDED: [&str; 3] = [
-    "subject_audit.database",
-    "subject_audit.seal_interval",
-    "subject_audit.log_reads",
-];
+const VALUE_RECORDED: [&str; 2] = ["subject_audit.database", "subject_audit.seal_interval"];
 
 /// Installs the utility hook. Called from `_PG_init`.
 pub fn init() {
@@ -77,6 +77,11 @@ unsafe extern "C-unwind" fn process_utility(
                 .flatten()
                 .map(|title| ("CAPTURE_OFF", title))
         });
+    let installed = extension_installed();
+    if installed {
+        tracking::refuse_subject_column_drop(node);
+    }
+    let tracked_before = (installed && drops_relations(node)).then(tracking::tracked_tables);
     match PREVIOUS_PROCESS_UTILITY {
         Some(previous) => pg_sys::ffi::pg_guard_ffi_boundary(|| {
             previous(
@@ -101,12 +106,37 @@ unsafe extern "C-unwind" fn process_utility(
             completion,
         ),
     }
+    // Checked again: the statement may have been CREATE or DROP EXTENSION.
+    if !extension_installed() {
+        return;
+    }
     if let Some((operation, title)) = change {
-        let installed =
-            pg_sys::get_extension_oid(c"pg_subject_audit".as_ptr(), true) != pg_sys::InvalidOid;
-        if installed {
-            admin::record(operation, &title, None);
-        }
+        admin::record(operation, &title, None);
+    }
+    if let Some(before) = tracked_before {
+        tracking::forget_dropped_tables(&before);
+    }
+}
+
+fn extension_installed() -> bool {
+    unsafe { pg_sys::get_extension_oid(c"pg_subject_audit".as_ptr(), true) != pg_sys::InvalidOid }
+}
+
+/// Whether the statement may drop tables (directly, by cascade or with their owner).
+unsafe fn drops_relations(node: *mut pg_sys::Node) -> bool {
+    if node.is_null() {
+        return false;
+    }
+    match (*node).type_ {
+        pg_sys::NodeTag::T_DropOwnedStmt => true,
+        pg_sys::NodeTag::T_DropStmt => !matches!(
+            (*(node as *mut pg_sys::DropStmt)).removeType,
+            pg_sys::ObjectType::OBJECT_INDEX
+                | pg_sys::ObjectType::OBJECT_TRIGGER
+                | pg_sys::ObjectType::OBJECT_POLICY
+                | pg_sys::ObjectType::OBJECT_RULE
+        ),
+        _ => false,
     }
 }
 
@@ -241,7 +271,7 @@ fn is_capture_trigger(name: &str) -> bool {
     name.starts_with("subject_audit_capture_")
 }
 
-unsafe fn list_items(list: *mut pg_sys::List) -> Vec<*mut std::ffi::c_void> {
+pub(super) unsafe fn list_items(list: *mut pg_sys::List) -> Vec<*mut std::ffi::c_void> {
     if list.is_null() {
         return Vec::new();
     }
@@ -250,7 +280,7 @@ unsafe fn list_items(list: *mut pg_sys::List) -> Vec<*mut std::ffi::c_void> {
         .collect()
 }
 
-unsafe fn text(s: *const std::ffi::c_char) -> String {
+pub(super) unsafe fn text(s: *const std::ffi::c_char) -> String {
     if s.is_null() {
         return String::new();
     }

@@ -13,7 +13,8 @@ use crate::store::{self, error::raise};
 /// subject has; records an ERASE event in its trail. A later row with the
 /// same token starts a new subject key.
 #[pg_extern(volatile, parallel_unsafe)]
-fn forget_subject(token: &str) -> i64 {
+fn forget_subject(token: Option<&str>) -> i64 {
+    let token = super::required(token, "token");
     keyring::check_bound(token);
     let subject_digest = keyring::subject_digest(token.as_bytes());
     let digest = subject_digest.to_vec();

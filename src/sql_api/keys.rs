@@ -18,7 +18,8 @@ fn generate_keypair(
 
 /// Installs a writer key and makes it the active one; returns its key id.
 #[pg_extern(volatile, parallel_unsafe)]
-fn install_public_key(public_key: &[u8]) -> i32 {
+fn install_public_key(public_key: Option<&[u8]>) -> i32 {
+    let public_key = super::required(public_key, "public_key");
     if let Err(e) = crypto::validate_public_key(public_key) {
         raise(
             ERRCODE_INVALID_PARAMETER_VALUE,
@@ -55,7 +56,8 @@ fn install_public_key(public_key: &[u8]) -> i32 {
 
 /// Adds a private key to this session's keyring; returns how many keys it holds.
 #[pg_extern(volatile, parallel_unsafe)]
-fn unlock(private_key: &[u8]) -> i32 {
+fn unlock(private_key: Option<&[u8]>) -> i32 {
+    let private_key = super::required(private_key, "private_key");
     let (key_id, keys) = keyring::unlock(private_key);
     admin::record_unlock(key_id, "unlock()");
     keys as i32
@@ -70,7 +72,8 @@ fn lock() {
 /// Stops using a key for writes; events written under it stay readable with
 /// its private key. The last active key cannot be retired.
 #[pg_extern(volatile, parallel_unsafe)]
-fn retire_public_key(key_id: i32) {
+fn retire_public_key(key_id: Option<i32>) {
+    let key_id = super::required(key_id, "key_id");
     let relations = store::relations();
     // Serialize retirements: two at once must not both see "another key is active".
     store::as_owner(|| Spi::run("LOCK TABLE subject_audit.writer_key IN SHARE ROW EXCLUSIVE MODE"))

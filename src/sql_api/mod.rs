@@ -15,3 +15,13 @@ mod tracking;
 pub fn init() {
     ddl_trail::init();
 }
+
+/// A required argument's value: NULL is an error, not a silent no-op.
+fn required<T>(value: Option<T>, name: &str) -> T {
+    value.unwrap_or_else(|| {
+        crate::store::error::raise(
+            pgrx::PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED,
+            format!("{name} must not be NULL"),
+        )
+    })
+}

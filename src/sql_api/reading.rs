@@ -24,7 +24,7 @@ type TrailRowValues = (
 #[pg_extern(volatile, parallel_unsafe)]
 #[allow(clippy::type_complexity)]
 fn audit_for_subject(
-    token: &str,
+    token: Option<&str>,
 ) -> TableIterator<
     'static,
     (
@@ -41,6 +41,7 @@ fn audit_for_subject(
         name!(after, Option<pgrx::JsonB>),
     ),
 > {
+    let token = super::required(token, "token");
     access::before_trail_read(token);
     let events = reading::subject_events(token, None);
     access::record_trail_read(token, "viewed audit trail (audit_for_subject)");
@@ -70,8 +71,8 @@ fn audit_for_subject(
 /// One event of that subject, column by column; another subject's event gives no rows.
 #[pg_extern(volatile, parallel_unsafe)]
 fn audit_event(
-    token: &str,
-    event_id: i64,
+    token: Option<&str>,
+    event_id: Option<i64>,
 ) -> TableIterator<
     'static,
     (
@@ -80,6 +81,8 @@ fn audit_event(
         name!(after, Option<String>),
     ),
 > {
+    let token = super::required(token, "token");
+    let event_id = super::required(event_id, "event_id");
     let text = |v: &Value<String>| match v {
         Value::Text(t) => Some(t.clone()),
         Value::Null | Value::Absent => None,
@@ -114,7 +117,8 @@ fn audit_event(
 /// The whole trail as one document, for a data-subject access request
 /// (GDPR Art. 15/20); `docs/export.md` documents it.
 #[pg_extern(volatile, parallel_unsafe)]
-fn export_subject(token: &str) -> pgrx::JsonB {
+fn export_subject(token: Option<&str>) -> pgrx::JsonB {
+    let token = super::required(token, "token");
     access::before_trail_read(token);
     let events = reading::subject_events(token, None);
     access::record_trail_read(token, "exported audit trail (export_subject)");
@@ -125,6 +129,12 @@ fn export_subject(token: &str) -> pgrx::JsonB {
 /// needed); returns the event id. The title is stored as plain metadata, the
 /// description encrypted in the subject's trail.
 #[pg_extern(volatile, parallel_unsafe)]
-fn record_access(token: &str, title: &str, description: default!(Option<&str>, "NULL")) -> i64 {
+fn record_access(
+    token: Option<&str>,
+    title: Option<&str>,
+    description: default!(Option<&str>, "NULL"),
+) -> i64 {
+    let token = super::required(token, "token");
+    let title = super::required(title, "title");
     access::record_application_access(token, title, description)
 }

@@ -90,31 +90,36 @@ fn grant(kind: &str, privileges: &[&str], role: &str) {
 
 /// What an application that writes tracked tables may use: `record_access`.
 #[pg_extern(volatile, parallel_unsafe)]
-fn grant_writer(role: &str) {
+fn grant_writer(role: Option<&str>) {
+    let role = super::required(role, "role");
     grant("writer", WRITER, role);
 }
 
 /// What a service showing subjects their trail needs (plus a private key).
 #[pg_extern(volatile, parallel_unsafe)]
-fn grant_reader(role: &str) {
+fn grant_reader(role: Option<&str>) {
+    let role = super::required(role, "role");
     grant("reader", READER, role);
 }
 
 /// Integrity checks and metadata reports; no key.
 #[pg_extern(volatile, parallel_unsafe)]
-fn grant_auditor(role: &str) {
+fn grant_auditor(role: Option<&str>) {
+    let role = super::required(role, "role");
     grant("auditor", AUDITOR, role);
 }
 
 /// Keys, tracking, erasure and sealing; no key to read personal values.
 #[pg_extern(volatile, parallel_unsafe)]
-fn grant_admin(role: &str) {
+fn grant_admin(role: Option<&str>) {
+    let role = super::required(role, "role");
     grant("admin", ADMIN, role);
 }
 
 /// Takes back everything the grant functions hand out.
 #[pg_extern(volatile, parallel_unsafe)]
-fn revoke_grants(role: &str) {
+fn revoke_grants(role: Option<&str>) {
+    let role = super::required(role, "role");
     let mut all: Vec<&str> = [WRITER, READER, AUDITOR, ADMIN].concat();
     all.sort_unstable();
     all.dedup();

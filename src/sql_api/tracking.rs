@@ -6,24 +6,24 @@ use pgrx::{spi, PgRelation};
 
 use super::{admin, ddl_trail};
 use crate::capture;
-use crate::store::{self, error::raise};
+use crate::store::{self, error::raise, error::raise_with_hint};
 
-const TRIGGERS: [(&str, &str, &str); 3] = [
+/// The capture triggers: name, and when they fire. Statement-level with
+/// transition tables; TRUNCATE has none, so it is read before it happens.
+const TRIGGERS: [(&str, &str); 4] = [
     (
         "subject_audit_capture_insert",
-        "INSERT",
-        "NEW TABLE AS subject_audit_new",
+        "AFTER INSERT ON {table} REFERENCING NEW TABLE AS subject_audit_new",
     ),
     (
         "subject_audit_capture_update",
-        "UPDATE",
-        "OLD TABLE AS subject_audit_old NEW TABLE AS subject_audit_new",
+        "AFTER UPDATE ON {table} REFERENCING OLD TABLE AS subject_audit_old NEW TABLE AS subject_audit_new",
     ),
     (
         "subject_audit_capture_delete",
-        "DELETE",
-        "OLD TABLE AS subject_audit_old",
+        "AFTER DELETE ON {table} REFERENCING OLD TABLE AS subject_audit_old",
     ),
+    ("subject_audit_capture_truncate", "BEFORE TRUNCATE ON {table}"),
 ];
 
 fn quoted_name(table: &PgRelation) -> String {
@@ -48,7 +48,17 @@ fn attnum(table: &PgRelation, column: &str) -> i16 {
 
 /// Starts capturing every change to `tbl`; tracking again replaces the settings.
 #[pg_extern(volatile, parallel_unsafe)]
-fn track(tbl: PgRelation, subject_column: &str, exclude_columns: default!(Vec<String>, "'{}'")) {
+fn track(
+    tbl: Option<PgRelation>,
+    subject_column: Option<&str>,
+    exclude_columns: default!(Option<Vec<Option<String>>>, "'{}'"),
+) {
+    let tbl = super::required(tbl, "tbl");
+    let subject_column = super::required(subject_column, "subject_column");
+    let exclude_columns: Vec<String> = super::required(exclude_columns, "exclude_columns")
+        .into_iter()
+        .map(|c| super::required(c, "an element of exclude_columns"))
+        .collect();
     let name = quoted_name(&tbl);
     let kind = unsafe { (*tbl.rd_rel).relkind };
     if kind != pg_sys::RELKIND_RELATION as std::ffi::c_char
@@ -93,27 +103,20 @@ fn track(tbl: PgRelation, subject_column: &str, exclude_columns: default!(Vec<St
             format!("could not record tracking of {name}: {e}"),
         )
     });
-    // Trigger DDL runs as the caller, who must own the table.
-    drop_triggers(&tbl, &name);
+    // Trigger DDL runs as the caller, who must own the table, and with the
+    // table closed: ALTER TABLE refuses a table this session holds open.
+    let relid = tbl.oid();
+    drop(tbl);
+    drop_triggers(relid, &name);
     admin::record("TRACK", &format!("track {name}"), Some(&name));
-    for (trigger, event, transition) in TRIGGERS {
-        Spi::run(&format!(
-            "CREATE TRIGGER {trigger} AFTER {event} ON {name} REFERENCING {transition} \
-             FOR EACH STATEMENT EXECUTE FUNCTION subject_audit.capture_change()"
-        ))
-        .unwrap_or_else(|e| {
-            raise(
-                ERRCODE_INTERNAL_ERROR,
-                format!("could not create trigger on {name}: {e}"),
-            )
-        });
-    }
-    store::invalidate(tbl.oid());
+    ddl_trail::own_ddl(|| create_triggers(&name));
+    store::invalidate(relid);
 }
 
 /// Stops capturing `tbl`; its recorded events stay.
 #[pg_extern(volatile, parallel_unsafe)]
-fn untrack(tbl: PgRelation) {
+fn untrack(tbl: Option<PgRelation>) {
+    let tbl = super::required(tbl, "tbl");
     let name = quoted_name(&tbl);
     let removed = store::as_owner(|| {
         Spi::get_one_with_args::<bool>(
@@ -129,22 +132,134 @@ fn untrack(tbl: PgRelation) {
             format!("{name} is not tracked"),
         );
     }
-    drop_triggers(&tbl, &name);
-    store::invalidate(tbl.oid());
+    let relid = tbl.oid();
+    drop(tbl);
+    drop_triggers(relid, &name);
+    store::invalidate(relid);
     admin::record("UNTRACK", &format!("untrack {name}"), Some(&name));
 }
 
-/// Drops the capture triggers `tbl` has, quietly (no "does not exist" notices).
-fn drop_triggers(tbl: &PgRelation, name: &str) {
-    ddl_trail::own_ddl(|| drop_each_trigger(tbl, name));
+/// Tracked tables by OID, with their names while they still have them.
+pub(super) fn tracked_tables() -> Vec<(pg_sys::Oid, String)> {
+    let rows = store::as_owner(|| {
+        Spi::connect(|client| {
+            client
+                .select(
+                    "SELECT relid::pg_catalog.oid, relid::pg_catalog.text FROM subject_audit.tracked_table",
+                    None,
+                    &[],
+                )?
+                .map(|row| Ok((row.get::<pg_sys::Oid>(1)?, row.get::<String>(2)?)))
+                .collect::<Result<Vec<_>, spi::SpiError>>()
+        })
+    });
+    rows.unwrap_or_default()
+        .into_iter()
+        .filter_map(|(oid, name)| Some((oid?, name?)))
+        .collect()
 }
 
-fn drop_each_trigger(tbl: &PgRelation, name: &str) {
-    for (trigger, _, _) in TRIGGERS {
+/// After a DROP: tables that are gone leave `tracked`, with an UNTRACK event
+/// in the admin trail; their events stay.
+pub(super) fn forget_dropped_tables(before: &[(pg_sys::Oid, String)]) {
+    let gone = store::as_owner(|| {
+        Spi::get_one::<Vec<pg_sys::Oid>>(
+            "WITH d AS (DELETE FROM subject_audit.tracked_table t WHERE NOT EXISTS \
+             (SELECT FROM pg_catalog.pg_class c WHERE c.oid OPERATOR(pg_catalog.=) t.relid) \
+             RETURNING t.relid::pg_catalog.oid AS oid) SELECT pg_catalog.array_agg(oid) FROM d",
+        )
+    })
+    .ok()
+    .flatten()
+    .unwrap_or_default();
+    for (_, name) in before.iter().filter(|(oid, _)| gone.contains(oid)) {
+        admin::record(
+            "UNTRACK",
+            &format!("untrack {name} (table dropped)"),
+            Some(name),
+        );
+    }
+}
+
+/// Refuses `ALTER TABLE … DROP COLUMN` of a tracked table's subject column:
+/// capture could no longer tell whose rows change.
+pub(super) unsafe fn refuse_subject_column_drop(node: *mut pg_sys::Node) {
+    if node.is_null() || (*node).type_ != pg_sys::NodeTag::T_AlterTableStmt {
+        return;
+    }
+    let stmt = node as *mut pg_sys::AlterTableStmt;
+    let drops: Vec<String> = ddl_trail::list_items((*stmt).cmds)
+        .into_iter()
+        .map(|cmd| cmd as *mut pg_sys::AlterTableCmd)
+        .filter(|&cmd| (*cmd).subtype == pg_sys::AlterTableType::AT_DropColumn)
+        .map(|cmd| ddl_trail::text((*cmd).name))
+        .collect();
+    if drops.is_empty() || (*stmt).relation.is_null() {
+        return;
+    }
+    let relid = pg_sys::RangeVarGetRelidExtended(
+        (*stmt).relation,
+        pg_sys::NoLock as i32,
+        pg_sys::RVROption::RVR_MISSING_OK,
+        None,
+        std::ptr::null_mut(),
+    );
+    if relid == pg_sys::InvalidOid {
+        return;
+    }
+    let subject = store::as_owner(|| {
+        store::select_one::<String>(
+            "SELECT a.attname::pg_catalog.text FROM subject_audit.tracked_table t \
+             JOIN pg_catalog.pg_attribute a ON a.attrelid OPERATOR(pg_catalog.=) t.relid \
+             AND a.attnum OPERATOR(pg_catalog.=) t.subject_attnum \
+             WHERE t.relid OPERATOR(pg_catalog.=) $1::pg_catalog.oid::pg_catalog.regclass",
+            &[relid.into()],
+        )
+    });
+    if let Ok(Some(subject)) = subject {
+        if drops.contains(&subject) {
+            raise_with_hint(
+                ERRCODE_DEPENDENT_OBJECTS_STILL_EXIST,
+                format!(
+                    "cannot drop column \"{subject}\": it is the subject column of a tracked table"
+                ),
+                "untrack the table first with subject_audit.untrack()",
+            );
+        }
+    }
+}
+
+/// Creates the capture triggers, firing ALWAYS: also under
+/// `session_replication_role = replica` and in logical replication apply,
+/// so neither is a way around capture.
+fn create_triggers(name: &str) {
+    for (trigger, when) in TRIGGERS {
+        let when = when.replace("{table}", name);
+        Spi::run(&format!(
+            "CREATE TRIGGER {trigger} {when} FOR EACH STATEMENT \
+             EXECUTE FUNCTION subject_audit.capture_change(); \
+             ALTER TABLE {name} ENABLE ALWAYS TRIGGER {trigger}"
+        ))
+        .unwrap_or_else(|e| {
+            raise(
+                ERRCODE_INTERNAL_ERROR,
+                format!("could not create trigger on {name}: {e}"),
+            )
+        });
+    }
+}
+
+/// Drops the capture triggers `tbl` has, quietly (no "does not exist" notices).
+fn drop_triggers(relid: pg_sys::Oid, name: &str) {
+    ddl_trail::own_ddl(|| drop_each_trigger(relid, name));
+}
+
+fn drop_each_trigger(relid: pg_sys::Oid, name: &str) {
+    for (trigger, _) in TRIGGERS {
         let exists = Spi::get_one_with_args::<bool>(
             "SELECT EXISTS (SELECT FROM pg_catalog.pg_trigger \
              WHERE tgrelid OPERATOR(pg_catalog.=) $1 AND tgname OPERATOR(pg_catalog.=) $2)",
-            &[tbl.oid().into(), trigger.into()],
+            &[relid.into(), trigger.into()],
         );
         if matches!(exists, Ok(Some(true))) {
             Spi::run(&format!("DROP TRIGGER {trigger} ON {name}")).unwrap_or_else(|e| {
