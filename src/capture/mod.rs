@@ -243,9 +243,10 @@ impl Row {
     }
 }
 
-/// Calls `f` with every row of `relation` (of every leaf partition, in the
-/// parent's column layout, for a partitioned table), as of a snapshot taken
-/// now: TRUNCATE holds its lock already, so no committed row is missed.
+/// Calls `f` with every row of `relation`, as of a snapshot taken now:
+/// TRUNCATE holds its lock already, so no committed row is missed. A
+/// partitioned table is truncated with all its partitions, each firing its
+/// own trigger: here it reads only leaves without one (in its column layout).
 unsafe fn scan_rows(relation: pg_sys::Relation, f: &mut dyn FnMut(&Row)) {
     let relid = (*relation).rd_id;
     let parent_desc = (*relation).rd_att;
@@ -258,6 +259,7 @@ unsafe fn scan_rows(relation: pg_sys::Relation, f: &mut dyn FnMut(&Row)) {
                 .map(|i| (*(*all).elements.add(i)).oid_value)
                 .filter(|&oid| {
                     pg_sys::get_rel_relkind(oid) == pg_sys::RELKIND_RELATION as std::ffi::c_char
+                        && !has_truncate_capture(oid)
                 })
                 .collect()
         } else {
@@ -303,6 +305,20 @@ unsafe fn scan_rows(relation: pg_sys::Relation, f: &mut dyn FnMut(&Row)) {
         }
     }
     pg_sys::UnregisterSnapshot(snapshot);
+}
+
+/// Whether `relid` has an enabled capture trigger for TRUNCATE of its own.
+unsafe fn has_truncate_capture(relid: pg_sys::Oid) -> bool {
+    let rel = pg_sys::table_open(relid, pg_sys::AccessShareLock as i32);
+    let triggers = (*rel).trigdesc;
+    let found = !triggers.is_null()
+        && (0..(*triggers).numtriggers as usize).any(|i| {
+            let trigger = &*(*triggers).triggers.add(i);
+            trigger.tgenabled != pg_sys::TRIGGER_DISABLED as std::ffi::c_char
+                && CStr::from_ptr(trigger.tgname).to_bytes() == b"subject_audit_capture_truncate"
+        });
+    pg_sys::table_close(rel, pg_sys::AccessShareLock as i32);
+    found
 }
 
 /// Reads a transition table through a read pointer of its own, so other

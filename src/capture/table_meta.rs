@@ -1,6 +1,8 @@
 //! What capture needs to know about a tracked table, built once per backend
 //! and dropped when the table's relcache entry is invalidated (ALTER TABLE,
-//! track, untrack, DROP).
+//! track, untrack, DROP). A partition is captured as part of its nearest
+//! tracked ancestor: same name in the events, columns matched by name (a
+//! partition's column numbers may differ from its parent's).
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -23,7 +25,8 @@ pub struct Column {
 }
 
 pub struct TableMeta {
-    /// `schema.table` when the metadata was built: events keep it as text.
+    /// `schema.table` of the tracked table (a partition's tracked ancestor)
+    /// when the metadata was built: events keep it as text.
     pub name: String,
     pub subject: Column,
     /// Captured columns: every live column but the excluded ones.
@@ -76,21 +79,49 @@ pub fn on_relation_invalidated(relid: pg_sys::Oid) {
 
 unsafe fn build(relation: pg_sys::Relation) -> TableMeta {
     let relid = (*relation).rd_id;
+    // The table itself, else its nearest tracked ancestor; columns by name.
     let config = store::as_owner(|| {
-        Spi::get_two_with_args::<i16, Vec<i16>>(
-            "SELECT subject_attnum, exclude_attnums FROM subject_audit.tracked_table \
-             WHERE relid OPERATOR(pg_catalog.=) $1::pg_catalog.oid::pg_catalog.regclass",
-            &[relid.into()],
-        )
+        Spi::connect(|client| {
+            let rows = client.select(
+                "WITH a AS (SELECT $1::pg_catalog.oid::pg_catalog.regclass AS relid, 0::pg_catalog.int8 AS depth \
+                 UNION ALL SELECT p.relid, p.depth FROM pg_catalog.pg_partition_ancestors($1::pg_catalog.oid::pg_catalog.regclass) \
+                 WITH ORDINALITY p(relid, depth)) \
+                 SELECT pg_catalog.format('%I.%I', n.nspname, c.relname), \
+                 (SELECT x.attname::pg_catalog.text FROM pg_catalog.pg_attribute x \
+                  WHERE x.attrelid OPERATOR(pg_catalog.=) t.relid AND x.attnum OPERATOR(pg_catalog.=) t.subject_attnum), \
+                 ARRAY(SELECT x.attname::pg_catalog.text FROM pg_catalog.pg_attribute x \
+                  WHERE x.attrelid OPERATOR(pg_catalog.=) t.relid AND x.attnum OPERATOR(pg_catalog.=) ANY (t.exclude_attnums)) \
+                 FROM a JOIN subject_audit.tracked_table t ON t.relid OPERATOR(pg_catalog.=) a.relid \
+                 JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) t.relid \
+                 JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace \
+                 ORDER BY a.depth LIMIT 1",
+                Some(1),
+                &[relid.into()],
+            )?;
+            if rows.is_empty() {
+                return Ok(None);
+            }
+            let row = rows.first();
+            Ok::<_, pgrx::spi::SpiError>(Some((
+                row.get::<String>(1)?.unwrap_or_default(),
+                row.get::<String>(2)?,
+                row.get::<Vec<String>>(3)?.unwrap_or_default(),
+            )))
+        })
     });
-    let name = qualified_name(relation);
-    let (subject_attnum, excluded) = match config {
-        Ok((Some(s), e)) => (s, e.unwrap_or_default()),
-        _ => raise(
+    let here = qualified_name(relation);
+    let Ok(Some((name, subject_name, excluded_names))) = config else {
+        raise(
             ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
-            format!("table {name} is not tracked by pg_subject_audit; drop its subject_audit triggers or call subject_audit.track()"),
-        ),
+            format!("table {here} is not tracked by pg_subject_audit; drop its subject_audit triggers or call subject_audit.track()"),
+        );
     };
+    let attnum_here = |column: &str| {
+        let column = std::ffi::CString::new(column).unwrap_or_default();
+        pg_sys::get_attnum(relid, column.as_ptr())
+    };
+    let subject_attnum = subject_name.as_deref().map_or(0, attnum_here);
+    let excluded: Vec<i16> = excluded_names.iter().map(|c| attnum_here(c)).collect();
     let memory = pg_sys::AllocSetContextCreateExtended(
         pg_sys::CacheMemoryContext,
         c"pg_subject_audit table".as_ptr(),

@@ -185,4 +185,232 @@ mod tests {
     }
 
     const KAT: &str = "42029a2c13a640d8e74a1bfd1902a9044c62b34fa42c00f620bd0b7a4aec25eb221b336ad842f84a32fe8cf9a6557b0e8ba8d61a9ff70fd39f6bf0c432990e5e";
+    // Fuzz / property tests (`cargo test --lib fuzz_`; see `crate::test_support`).
+
+    use crate::test_support::{fuzz, no_panic, Rng};
+
+    /// What a stored event's row gives `open_event`, owned so it can be corrupted.
+    #[derive(Debug, Clone, PartialEq)]
+    struct Stored {
+        nonce: Vec<u8>,
+        ciphertext: Vec<u8>,
+        event_id: i64,
+        subject_key_id: Option<i64>,
+        subject_digest: Option<Vec<u8>>,
+        context_id: i64,
+        operation: String,
+        table_name: Option<String>,
+        columns: Vec<String>,
+        metadata: [u8; 32],
+    }
+
+    impl Stored {
+        fn binding(&self) -> Binding<'_> {
+            Binding {
+                event_id: self.event_id,
+                subject_key_id: self.subject_key_id,
+                subject_digest: self.subject_digest.as_deref(),
+                context_id: self.context_id,
+                metadata: self.metadata,
+            }
+        }
+
+        fn open(&self, key: &DataKey) -> Result<Payload, EnvelopeError> {
+            no_panic(self, || {
+                open_event(key, &self.nonce, &self.binding(), &self.ciphertext)
+            })
+        }
+    }
+
+    fn random_id(rng: &mut Rng) -> i64 {
+        match rng.below(4) {
+            0 => rng.range(1, 10) as i64,
+            1 => *rng.pick(&[1, i64::MAX, i64::MIN, -1]),
+            _ => rng.next_u64() as i64,
+        }
+    }
+
+    /// An identity value. Subject keys are numbered from 1: the associated
+    /// data cannot tell subject key 0 from none.
+    fn random_key_id(rng: &mut Rng) -> i64 {
+        (random_id(rng) & i64::MAX).max(1)
+    }
+
+    /// A name as PostgreSQL stores one: text without NUL.
+    fn random_name(rng: &mut Rng) -> String {
+        rng.text(12, &['.', '"', ' ']).replace('\0', "")
+    }
+
+    fn random_payload(rng: &mut Rng, columns: usize) -> Vec<u8> {
+        let reason = rng.coin().then(|| rng.text(10, &[]));
+        let note = rng.one_in(4).then(|| rng.text(10, &[]));
+        let mut w = PayloadWriter::with_note(reason.as_deref(), note.as_deref());
+        for _ in 0..columns {
+            let values: Vec<Option<String>> = (0..2)
+                .map(|_| rng.coin().then(|| rng.text(20, &[])))
+                .collect();
+            fn value(v: &Option<String>) -> Value<&[u8]> {
+                match v {
+                    Some(t) => Value::Text(t.as_bytes()),
+                    None => Value::Null,
+                }
+            }
+            w.column(rng.coin(), value(&values[0]), value(&values[1]));
+        }
+        w.finish()
+    }
+
+    /// A sealed event as the recorder stores it, with its payload and key.
+    fn random_event(rng: &mut Rng) -> (DataKey, Stored, Vec<u8>) {
+        let key = DataKey::new(&rng.array());
+        let columns: Vec<String> = (0..rng.len(4)).map(|_| random_name(rng)).collect();
+        let operation = rng
+            .pick(&["INSERT", "UPDATE", "DELETE", "READ", "ACCESS"])
+            .to_string();
+        let table_name = rng
+            .coin()
+            .then(|| format!("{}.{}", random_name(rng), random_name(rng)));
+        let column_refs: Vec<&str> = columns.iter().map(String::as_str).collect();
+        let metadata = metadata_digest(&operation, table_name.as_deref(), Some(&column_refs));
+        let subject = !rng.one_in(4);
+        let nonce: [u8; NONCE_LEN] = rng.array();
+        let mut stored = Stored {
+            nonce: nonce.to_vec(),
+            ciphertext: Vec::new(),
+            event_id: random_id(rng),
+            subject_key_id: subject.then(|| random_key_id(rng)),
+            subject_digest: subject.then(|| rng.bytes(32)),
+            context_id: random_key_id(rng),
+            operation,
+            table_name,
+            columns,
+            metadata,
+        };
+        let payload = random_payload(rng, stored.columns.len());
+        stored.ciphertext = seal_event(&key, &nonce, &stored.binding(), &payload).unwrap();
+        (key, stored, payload)
+    }
+
+    /// Changes one thing `open_event` is given, as tampering or corruption in
+    /// storage could; returns what was changed.
+    fn corrupt(rng: &mut Rng, s: &mut Stored) -> &'static str {
+        match rng.below(12) {
+            0 => {
+                rng.mutate(&mut s.nonce);
+                "nonce"
+            }
+            1 | 2 => {
+                rng.mutate(&mut s.ciphertext);
+                "ciphertext"
+            }
+            3 => {
+                let n = rng.len(s.ciphertext.len() + 8);
+                s.ciphertext = rng.bytes(n);
+                "ciphertext replaced"
+            }
+            4 => {
+                s.event_id = match rng.below(3) {
+                    0 => s.event_id.wrapping_add(1),
+                    1 => s.event_id ^ (1 << rng.below(64)),
+                    _ => random_id(rng),
+                };
+                "event id"
+            }
+            5 => {
+                s.subject_key_id = match s.subject_key_id {
+                    Some(_) if rng.one_in(3) => None,
+                    _ => Some(random_key_id(rng)),
+                };
+                "subject key id"
+            }
+            6 => {
+                s.subject_digest = match s.subject_digest.take() {
+                    Some(_) if rng.one_in(4) => None,
+                    Some(mut d) => {
+                        rng.mutate(&mut d);
+                        if d.is_empty() {
+                            // The associated data cannot tell an empty digest
+                            // from none; a reader always passes 32 bytes.
+                            d.push(rng.byte());
+                        }
+                        Some(d)
+                    }
+                    None => Some(rng.bytes(32)),
+                };
+                "subject digest"
+            }
+            7 => {
+                s.context_id = match rng.below(3) {
+                    0 => s.context_id.wrapping_add(1),
+                    1 => s.context_id ^ (1 << rng.below(64)),
+                    _ => random_key_id(rng),
+                };
+                "context id"
+            }
+            8 => {
+                let i = rng.below(32);
+                s.metadata[i] ^= 1 << rng.below(8);
+                "metadata bytes"
+            }
+            _ => {
+                // Relabelled: another operation, table or column list.
+                match rng.below(4) {
+                    0 => s.operation = rng.pick(&["INSERT", "UPDATE", "DELETE"]).to_string(),
+                    1 => {
+                        s.table_name = match s.table_name.take() {
+                            Some(mut t) if rng.coin() => {
+                                rng.mutate_text(&mut t, &['.']);
+                                Some(t.replace('\0', ""))
+                            }
+                            Some(_) => None,
+                            None => Some(format!("public.{}", random_name(rng))),
+                        }
+                    }
+                    2 if !s.columns.is_empty() => {
+                        let i = rng.below(s.columns.len());
+                        if rng.coin() {
+                            s.columns.remove(i);
+                        } else {
+                            rng.mutate_text(&mut s.columns[i], &[]);
+                            s.columns[i] = s.columns[i].replace('\0', "");
+                        }
+                    }
+                    _ => s.columns.push(random_name(rng)),
+                }
+                let columns: Vec<&str> = s.columns.iter().map(String::as_str).collect();
+                s.metadata = metadata_digest(&s.operation, s.table_name.as_deref(), Some(&columns));
+                "operation, table or columns"
+            }
+        }
+    }
+
+    #[test]
+    fn fuzz_open_event() {
+        fuzz("open_event", 5_000, |rng| {
+            let (key, stored, payload) = random_event(rng);
+            let expected = Payload::decode(&payload).unwrap();
+            // The untouched event always opens, to its payload.
+            assert_eq!(stored.open(&key), Ok(expected.clone()), "{stored:?}");
+            let mut corrupted = stored.clone();
+            let mut what = Vec::new();
+            for _ in 0..rng.range(1, 3) {
+                what.push(corrupt(rng, &mut corrupted));
+            }
+            if corrupted == stored {
+                return; // The corruptions undid each other.
+            }
+            // Anything else fails authentication: never a panic, never a payload.
+            assert_eq!(
+                corrupted.open(&key),
+                Err(EnvelopeError::Crypto(CryptoError::Authentication)),
+                "changed {what:?}: {stored:?} -> {corrupted:?}"
+            );
+            // So does the untouched event under another key.
+            let other = DataKey::new(&rng.array());
+            assert_eq!(
+                stored.open(&other),
+                Err(EnvelopeError::Crypto(CryptoError::Authentication))
+            );
+        });
+    }
 }

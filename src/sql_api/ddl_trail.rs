@@ -82,6 +82,11 @@ unsafe extern "C-unwind" fn process_utility(
         tracking::refuse_subject_column_drop(node);
     }
     let tracked_before = (installed && drops_relations(node)).then(tracking::tracked_tables);
+    let partition = if installed {
+        partition_change(node)
+    } else {
+        None
+    };
     match PREVIOUS_PROCESS_UTILITY {
         Some(previous) => pg_sys::ffi::pg_guard_ffi_boundary(|| {
             previous(
@@ -115,6 +120,45 @@ unsafe extern "C-unwind" fn process_utility(
     }
     if let Some(before) = tracked_before {
         tracking::forget_dropped_tables(&before);
+    }
+    if let Some((partition, attached)) = partition {
+        let relid = pg_sys::RangeVarGetRelidExtended(
+            partition,
+            pg_sys::NoLock as i32,
+            pg_sys::RVROption::RVR_MISSING_OK,
+            None,
+            std::ptr::null_mut(),
+        );
+        if relid != pg_sys::InvalidOid {
+            tracking::follow_partition(relid, attached);
+        }
+    }
+}
+
+/// The partition a statement creates, attaches (true) or detaches (false).
+unsafe fn partition_change(node: *mut pg_sys::Node) -> Option<(*mut pg_sys::RangeVar, bool)> {
+    if node.is_null() {
+        return None;
+    }
+    match (*node).type_ {
+        pg_sys::NodeTag::T_CreateStmt => {
+            let stmt = node as *mut pg_sys::CreateStmt;
+            (!(*stmt).partbound.is_null()).then(|| ((*stmt).relation, true))
+        }
+        pg_sys::NodeTag::T_AlterTableStmt => {
+            let stmt = node as *mut pg_sys::AlterTableStmt;
+            list_items((*stmt).cmds).into_iter().find_map(|cmd| {
+                let cmd = cmd as *mut pg_sys::AlterTableCmd;
+                let attached = match (*cmd).subtype {
+                    pg_sys::AlterTableType::AT_AttachPartition => true,
+                    pg_sys::AlterTableType::AT_DetachPartition => false,
+                    _ => return None,
+                };
+                let partition = (*cmd).def as *mut pg_sys::PartitionCmd;
+                Some(((*partition).name, attached))
+            })
+        }
+        _ => None,
     }
 }
 

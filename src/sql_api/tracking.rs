@@ -107,10 +107,14 @@ fn track(
     // table closed: ALTER TABLE refuses a table this session holds open.
     let relid = tbl.oid();
     drop(tbl);
-    drop_triggers(relid, &name);
     admin::record("TRACK", &format!("track {name}"), Some(&name));
-    ddl_trail::own_ddl(|| create_triggers(&name));
-    store::invalidate(relid);
+    // A partitioned table: its partitions get the triggers too, for DML
+    // that names a partition directly.
+    for (table, table_name) in [(relid, name)].into_iter().chain(partitions(relid)) {
+        drop_triggers(table, &table_name);
+        ddl_trail::own_ddl(|| create_triggers(&table_name));
+        store::invalidate(table);
+    }
 }
 
 /// Stops capturing `tbl`; its recorded events stay.
@@ -134,9 +138,94 @@ fn untrack(tbl: Option<PgRelation>) {
     }
     let relid = tbl.oid();
     drop(tbl);
-    drop_triggers(relid, &name);
-    store::invalidate(relid);
+    for (table, table_name) in [(relid, name.clone())].into_iter().chain(partitions(relid)) {
+        drop_triggers(table, &table_name);
+        store::invalidate(table);
+    }
     admin::record("UNTRACK", &format!("untrack {name}"), Some(&name));
+}
+
+/// Every partition below `relid` (none for a plain table), with quoted names.
+fn partitions(relid: pg_sys::Oid) -> Vec<(pg_sys::Oid, String)> {
+    let rows = Spi::connect(|client| {
+        client
+            .select(
+                "SELECT p.relid::pg_catalog.oid, pg_catalog.format('%I.%I', n.nspname, c.relname) \
+                 FROM pg_catalog.pg_partition_tree($1::pg_catalog.oid::pg_catalog.regclass) p \
+                 JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) p.relid \
+                 JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace \
+                 WHERE p.relid OPERATOR(pg_catalog.<>) $1::pg_catalog.oid::pg_catalog.regclass",
+                None,
+                &[relid.into()],
+            )?
+            .map(|row| Ok((row.get::<pg_sys::Oid>(1)?, row.get::<String>(2)?)))
+            .collect::<Result<Vec<_>, spi::SpiError>>()
+    });
+    rows.unwrap_or_else(|e| {
+        raise(
+            ERRCODE_INTERNAL_ERROR,
+            format!("could not list partitions: {e}"),
+        )
+    })
+    .into_iter()
+    .filter_map(|(oid, name)| Some((oid?, name?)))
+    .collect()
+}
+
+/// The tracked table `relid` belongs to: itself or its nearest tracked
+/// partition ancestor.
+fn tracked_ancestor(relid: pg_sys::Oid) -> Option<String> {
+    store::as_owner(|| {
+        store::select_one::<String>(
+            "SELECT t.relid::pg_catalog.text \
+             FROM pg_catalog.pg_partition_ancestors($1::pg_catalog.oid::pg_catalog.regclass) WITH ORDINALITY a(relid, depth) \
+             JOIN subject_audit.tracked_table t ON t.relid OPERATOR(pg_catalog.=) a.relid ORDER BY a.depth LIMIT 1",
+            &[relid.into()],
+        )
+    })
+    .ok()
+    .flatten()
+}
+
+/// A partition created in, attached to or detached from a partitioned table:
+/// it gets (or loses) the capture triggers of its tracked ancestor, with an
+/// admin event saying so.
+pub(super) fn follow_partition(relid: pg_sys::Oid, attached: bool) {
+    let name = Spi::get_one_with_args::<String>(
+        "SELECT pg_catalog.format('%I.%I', n.nspname, c.relname) FROM pg_catalog.pg_class c \
+         JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace \
+         WHERE c.oid OPERATOR(pg_catalog.=) $1",
+        &[relid.into()],
+    );
+    let Ok(Some(name)) = name else { return };
+    let ancestor = tracked_ancestor(relid);
+    let tables = || [(relid, name.clone())].into_iter().chain(partitions(relid));
+    match (attached, ancestor) {
+        (true, Some(ancestor)) => {
+            for (table, table_name) in tables() {
+                drop_triggers(table, &table_name);
+                ddl_trail::own_ddl(|| create_triggers(&table_name));
+                store::invalidate(table);
+            }
+            admin::record(
+                "TRACK",
+                &format!("track {name} (partition of {ancestor})"),
+                Some(&name),
+            );
+        }
+        (false, None) => {
+            for (table, table_name) in tables() {
+                drop_triggers(table, &table_name);
+                store::invalidate(table);
+            }
+            admin::record(
+                "UNTRACK",
+                &format!("untrack {name} (partition detached)"),
+                Some(&name),
+            );
+        }
+        _ => {}
+    }
 }
 
 /// Tracked tables by OID, with their names while they still have them.
