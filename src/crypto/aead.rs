@@ -119,4 +119,39 @@ mod tests {
             .collect();
         assert_eq!(nonces.len(), 10_000);
     }
+
+    // Fuzz / property tests (`cargo test --lib fuzz_`; see `crate::test_support`).
+
+    use crate::test_support::{fuzz, no_panic};
+
+    #[test]
+    fn fuzz_data_key_open() {
+        fuzz("data_key_open", 5_000, |rng| {
+            let key = DataKey::new(&rng.array());
+            let nonce: [u8; NONCE_LEN] = rng.array();
+            let n = rng.len(24);
+            let aad = rng.bytes(n);
+            let n = rng.len(64);
+            let plaintext = rng.bytes(n);
+            let (_, ct) = key.seal_with_nonce(&nonce, &aad, &plaintext).unwrap();
+            assert_eq!(key.open(&nonce, &aad, &ct).as_deref(), Ok(&plaintext[..]));
+            // One of nonce (any length), associated data or ciphertext (any
+            // length, shorter than a tag too) corrupted: refused, never a panic.
+            let (mut nonce2, mut aad2, mut ct2) = (nonce.to_vec(), aad.clone(), ct.clone());
+            match rng.below(4) {
+                0 => rng.mutate(&mut nonce2),
+                1 => rng.mutate(&mut aad2),
+                2 => rng.mutate(&mut ct2),
+                _ => {
+                    let n = rng.len(40);
+                    ct2 = rng.bytes(n);
+                }
+            }
+            if (&nonce2[..], &aad2, &ct2) == (&nonce[..], &aad, &ct) {
+                return;
+            }
+            let opened = no_panic(&(&nonce2, &aad2, &ct2), || key.open(&nonce2, &aad2, &ct2));
+            assert_eq!(opened, Err(CryptoError::Authentication));
+        });
+    }
 }

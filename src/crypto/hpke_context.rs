@@ -178,6 +178,52 @@ mod tests {
 
     const KAT_TAG: &str = "09f9f25d5c4832d339daa00b2bab1968";
 
+    // Fuzz / property tests (`cargo test --lib fuzz_`; see `crate::test_support`).
+
+    use crate::test_support::{fuzz, no_panic};
+
+    #[test]
+    fn fuzz_receiver_context() {
+        // The encapsulated key is stored; the private key comes from a user.
+        let (pk, sk) = generate_keypair();
+        let sender = SenderContext::new(&pk).unwrap();
+        let (nonce, ct) = sender.data_key(None).seal(b"", b"x").unwrap();
+        fuzz("receiver_context", 100, |rng| {
+            let mut enc = sender.encapsulated_key().to_vec();
+            let mut private = sk.to_vec();
+            match rng.below(4) {
+                0 => rng.mutate(&mut private),
+                1 => private = rng.bytes(rng.range(0, 40)),
+                2 => enc = rng.bytes(rng.range(0, 40)),
+                _ => rng.mutate(&mut enc),
+            }
+            let receiver = no_panic(&(&private, &enc), || ReceiverContext::new(&private, &enc));
+            if private.len() != KEY_LEN {
+                assert_eq!(
+                    receiver.err(),
+                    Some(CryptoError::KeyLength(private.len()))
+                );
+            } else if enc.len() != KEY_LEN {
+                assert_eq!(receiver.err(), Some(CryptoError::BadEncapsulatedKey));
+            } else if let Ok(r) = receiver {
+                // Unchanged, or a clamping-equivalent private key: the sender's
+                // key. Otherwise, another key that opens nothing of the sender's.
+                let opened = r.data_key(None).open(&nonce, b"", &ct);
+                let same = enc == sender.encapsulated_key() && clamped(&private) == clamped(&sk[..]);
+                assert_eq!(opened.is_ok(), same, "{private:x?} {enc:x?}");
+            }
+        });
+    }
+
+    /// X25519 ignores the bits that clamping clears (RFC 7748 §5).
+    fn clamped(key: &[u8]) -> Vec<u8> {
+        let mut k = key.to_vec();
+        k[0] &= 248;
+        k[31] &= 127;
+        k[31] |= 64;
+        k
+    }
+
     fn hex_of(b: &[u8]) -> String {
         b.iter().map(|x| format!("{x:02x}")).collect()
     }

@@ -67,4 +67,31 @@ mod tests {
             Err(CryptoError::UnusablePublicKey)
         );
     }
+
+    // Fuzz / property tests (`cargo test --lib fuzz_`; see `crate::test_support`).
+
+    use crate::test_support::{fuzz, no_panic};
+
+    #[test]
+    fn fuzz_public_keys() {
+        // Keys a user hands in: any length, any bytes.
+        fuzz("public_keys", 100, |rng| {
+            let len = if rng.coin() { KEY_LEN } else { rng.range(0, 40) };
+            let bytes = rng.bytes(len);
+            let public = no_panic(&bytes, || public_key_of(&bytes));
+            let valid = no_panic(&bytes, || validate_public_key(&bytes));
+            if len != KEY_LEN {
+                assert_eq!(public, Err(CryptoError::KeyLength(len)));
+                assert_eq!(valid, Err(CryptoError::KeyLength(len)));
+                return;
+            }
+            // Every 32 bytes are a private key, and its public key is usable.
+            let public = public.unwrap();
+            validate_public_key(&public).unwrap();
+            // Random 32 bytes are a usable public key unless of small order.
+            if valid.is_err() {
+                assert_eq!(valid, Err(CryptoError::UnusablePublicKey));
+            }
+        });
+    }
 }

@@ -222,14 +222,23 @@ pub fn format_checkpoint(block_id: i64, hash: &[u8]) -> String {
     format!("psa1:{block_id}:{hex}")
 }
 
+/// Reads what `format_checkpoint` wrote (surrounding whitespace and the case
+/// of the hex digits aside); anything else is `None`.
 pub fn parse_checkpoint(text: &str) -> Option<(i64, Vec<u8>)> {
     let mut parts = text.trim().split(':');
     if parts.next()? != "psa1" {
         return None;
     }
-    let block_id = parts.next()?.parse().ok()?;
+    let id = parts.next()?;
+    let block_id: i64 = id.parse().ok()?;
+    // `parse` also takes "+7" and "007": not what a checkpoint holds.
+    if block_id.to_string() != id {
+        return None;
+    }
     let hex = parts.next()?;
-    if parts.next().is_some() || hex.len() != 64 {
+    // Only ASCII hex digits: slicing multi-byte text would panic, and
+    // `from_str_radix` would take a "+" sign.
+    if parts.next().is_some() || hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
         return None;
     }
     let bytes = (0..64)
@@ -294,6 +303,92 @@ mod ledger_tests {
         assert_eq!(parse_checkpoint("psa2:1:"), None);
         assert_eq!(parse_checkpoint(&format!("{text}:x")), None);
         assert_eq!(parse_checkpoint(&text.replace("ab", "zz")), None);
+    }
+
+    #[test]
+    fn checkpoints_refuse_what_format_never_writes() {
+        let hex = "ab".repeat(32);
+        assert_eq!(
+            parse_checkpoint(&format!(" psa1:7:{} \n", hex.to_uppercase())),
+            Some((7, vec![0xab; 32]))
+        );
+        // Found by fuzz_parse_checkpoint: a multi-byte character panicked
+        // (slicing inside it), "+f" read as 0x0f, "+7" and "07" as block 7.
+        for text in [
+            format!("psa1:7:a\u{e9}{}", &hex[3..]),
+            format!("psa1:7:+f{}", &hex[2..]),
+            format!("psa1:+7:{hex}"),
+            format!("psa1:07:{hex}"),
+            format!("psa1:-0:{hex}"),
+        ] {
+            assert_eq!(parse_checkpoint(&text), None, "{text}");
+        }
+    }
+
+    // Fuzz / property tests (`cargo test --lib fuzz_`; see `crate::test_support`).
+
+    use crate::test_support::{fuzz, no_panic, Rng};
+
+    const CHECKPOINT_CHARS: &[char] = &[
+        'p', 's', 'a', '1', ':', ':', '0', '7', '9', 'a', 'b', 'f', 'A', 'F', 'g', '+', '-', ' ',
+        '\u{e9}', '\u{2028}',
+    ];
+
+    fn random_checkpoint(rng: &mut Rng) -> (i64, Vec<u8>, String) {
+        let id = match rng.below(3) {
+            0 => rng.range(0, 100) as i64,
+            1 => *rng.pick(&[0, -1, i64::MAX, i64::MIN]),
+            _ => rng.next_u64() as i64,
+        };
+        let hash = rng.bytes(32);
+        let text = format_checkpoint(id, &hash);
+        (id, hash, text)
+    }
+
+    fn check_parse(text: &str) -> Option<(i64, Vec<u8>)> {
+        let parsed = no_panic(&text, || parse_checkpoint(text));
+        if let Some((id, hash)) = &parsed {
+            assert_eq!(hash.len(), 32, "{text:?}");
+            let formatted = format_checkpoint(*id, hash);
+            assert!(
+                formatted.eq_ignore_ascii_case(text.trim()),
+                "accepted {text:?} as {formatted:?}"
+            );
+        }
+        parsed
+    }
+
+    #[test]
+    fn fuzz_parse_checkpoint() {
+        fuzz("parse_checkpoint", 20_000, |rng| {
+            let (id, hash, mut text) = random_checkpoint(rng);
+            if rng.one_in(8) {
+                // Valid, in another case and with whitespace around.
+                if rng.coin() {
+                    text = text.to_uppercase().replacen("PSA1", "psa1", 1);
+                }
+                let text = format!("{}{text}{}", rng.pick(&["", " ", "\t\n"]), rng.pick(&["", " "]));
+                assert_eq!(check_parse(&text), Some((id, hash)));
+                return;
+            }
+            match rng.below(3) {
+                0 => {
+                    // Random text made of what a checkpoint is made of.
+                    text = format!("psa1:{}", rng.text(80, CHECKPOINT_CHARS));
+                }
+                1 => {
+                    // A splice: a valid prefix, then random characters.
+                    let cut = rng.range(0, text.len());
+                    text.truncate(cut);
+                    text.push_str(&rng.text(70, CHECKPOINT_CHARS));
+                }
+                _ => {}
+            }
+            for _ in 0..rng.range(if text.starts_with("psa1:") { 0 } else { 1 }, 3) {
+                rng.mutate_text(&mut text, CHECKPOINT_CHARS);
+            }
+            let _ = check_parse(&text);
+        });
     }
 }
 

@@ -242,4 +242,58 @@ mod tests {
         assert!(decode_hex_key(&"ab".repeat(31)).is_none());
         assert!(decode_hex_key(&"zz".repeat(32)).is_none());
     }
+
+    // Fuzz / property tests (`cargo test --lib fuzz_`; see `crate::test_support`).
+
+    use crate::test_support::{fuzz, hex, no_panic};
+
+    const HEX_CHARS: &[char] = &[
+        '0', '7', '9', 'a', 'f', 'A', 'F', 'g', 'x', 'X', '\\', '+', '-', ' ', ',', '\u{e9}',
+        '\u{ff10}', // a full-width digit
+    ];
+
+    #[test]
+    fn fuzz_decode_hex_key() {
+        fuzz("decode_hex_key", 20_000, |rng| {
+            let key: [u8; KEY_LEN] = rng.array();
+            let mut text = hex(&key);
+            match rng.below(4) {
+                0 => text = text.to_uppercase(),
+                1 => {
+                    text = text
+                        .chars()
+                        .map(|c| if rng.coin() { c.to_ascii_uppercase() } else { c })
+                        .collect()
+                }
+                _ => {}
+            }
+            if rng.coin() {
+                text.insert_str(0, "\\x");
+            }
+            let valid = text.clone();
+            match rng.below(4) {
+                // Valid as it is: decodes to the key.
+                0 => {
+                    let decoded = no_panic(&text, || decode_hex_key(&text));
+                    assert_eq!(decoded.as_deref().map(|k| &k[..]), Some(&key[..]), "{text}");
+                    return;
+                }
+                1 => text = rng.text(70, HEX_CHARS),
+                _ => {
+                    for _ in 0..rng.range(1, 3) {
+                        rng.mutate_text(&mut text, HEX_CHARS);
+                    }
+                }
+            }
+            // Never a panic; an accepted key is exactly the hex it was given.
+            if let Some(k) = no_panic(&text, || decode_hex_key(&text)) {
+                let digits = text.strip_prefix("\\x").unwrap_or(&text);
+                assert!(
+                    hex(&k[..]).eq_ignore_ascii_case(digits),
+                    "accepted {text:?} (mutated from {valid:?}) as {}",
+                    hex(&k[..])
+                );
+            }
+        });
+    }
 }

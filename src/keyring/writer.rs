@@ -122,21 +122,47 @@ pub fn writer_context() -> Rc<WriterContext> {
     ctx
 }
 
+/// The secret that keys subject digests, created on first use.
+fn installation_secret() -> Vec<u8> {
+    let read = || {
+        store::as_owner(|| {
+            store::select_one::<Vec<u8>>("SELECT subject_secret FROM subject_audit.installation", &[])
+        })
+    };
+    if let Ok(Some(secret)) = read() {
+        return secret;
+    }
+    let mut secret = Zeroizing::new(vec![0u8; DIGEST_LEN]);
+    crypto::fill_random(&mut secret).unwrap_or_else(|e| raise(ERRCODE_INTERNAL_ERROR, e.to_string()));
+    // Two first writers at once: one row wins, both then read it.
+    store::as_owner(|| {
+        Spi::run_with_args(
+            "INSERT INTO subject_audit.installation (subject_secret) VALUES ($1) ON CONFLICT DO NOTHING",
+            &[secret.to_vec().into()],
+        )
+    })
+    .unwrap_or_else(|e| {
+        raise(
+            ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            format!("could not create the installation secret (nothing has been recorded in this database yet): {e}"),
+        )
+    });
+    match read() {
+        Ok(Some(secret)) => secret,
+        _ => raise(
+            ERRCODE_DATA_CORRUPTED,
+            "subject_audit.installation holds no secret; reinstall pg_subject_audit",
+        ),
+    }
+}
+
 /// The keyed digest of a subject token, as stored in `subject_key`.
 pub fn subject_digest(token: &[u8]) -> [u8; DIGEST_LEN] {
     if let Some(d) = WRITER.with(|w| w.borrow().digester.clone()) {
         return d.digest(token);
     }
     watch_tables();
-    let secret = store::as_owner(|| {
-        store::select_one::<Vec<u8>>("SELECT subject_secret FROM subject_audit.installation", &[])
-    });
-    let Ok(Some(secret)) = secret else {
-        raise(
-            ERRCODE_DATA_CORRUPTED,
-            "subject_audit.installation holds no secret; reinstall pg_subject_audit",
-        );
-    };
+    let secret = installation_secret();
     let secret = Zeroizing::new(secret);
     let digester = SubjectDigester::new(&secret);
     let digest = digester.digest(token);

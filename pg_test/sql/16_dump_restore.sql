@@ -1,0 +1,36 @@
+-- pg_dump / pg_restore: the restored database reads the trail with the key,
+-- finds subjects by their tokens, verifies the ledger against a checkpoint
+-- taken before the dump, and goes on writing, sealing and verifying.
+\set origdb :DBNAME
+CREATE EXTENSION pg_subject_audit;
+SELECT public_key AS pk, encode(private_key, 'hex') AS sk FROM subject_audit.generate_keypair() \gset
+SELECT subject_audit.install_public_key(:'pk');
+CREATE TABLE members (id int PRIMARY KEY, who text, email text);
+SELECT subject_audit.track('members', 'who');
+INSERT INTO members VALUES (1, 'ann', 'ann@example.com'), (2, 'ben', 'ben@example.com');
+UPDATE members SET email = 'ann@new.example' WHERE id = 1;
+SELECT subject_audit.forget_subject('ben') > 0 AS ben_erased;
+SELECT subject_audit.seal() > 0 AS sealed;
+SELECT subject_audit.checkpoint() AS checkpoint \gset
+\setenv DUMP_DB :DBNAME
+\! pg_dump -Fc -d "$DUMP_DB" -f "$PG_TEST_DIR/16.dump" && echo dumped
+CREATE DATABASE restored_16;
+\! pg_restore --exit-on-error -d restored_16 "$PG_TEST_DIR/16.dump" && echo restored
+
+\set restored 'dbname=restored_16 options=-csubject_audit.session_key=' :sk
+\c :restored
+SELECT operation, before, after FROM subject_audit.audit_for_subject('ann') WHERE operation <> 'READ';
+SELECT operation, before, after FROM subject_audit.audit_for_subject('ben') WHERE operation <> 'READ';
+SELECT ok, problems FROM subject_audit.verify(:'checkpoint');
+SELECT table_name, subject_column FROM subject_audit.tracked;
+-- It goes on: new events, new subjects, new keys, sealing.
+INSERT INTO members VALUES (3, 'cat', 'cat@example.com');
+UPDATE members SET email = 'ann@restored.example' WHERE id = 1;
+SELECT operation, after FROM subject_audit.audit_for_subject('ann') WHERE operation = 'UPDATE';
+SELECT count(*) = count(DISTINCT event_id) AS ids_unique FROM subject_audit.events;
+SELECT public_key AS pk2 FROM subject_audit.generate_keypair() \gset
+SELECT subject_audit.install_public_key(:'pk2') > 1 AS new_key;
+SELECT subject_audit.seal() > 0 AS sealed;
+SELECT ok, problems FROM subject_audit.verify(:'checkpoint');
+\c :origdb postgres
+DROP DATABASE restored_16;
