@@ -25,7 +25,7 @@ TRUNCATE subject_audit.event;
 SELECT * FROM subject_audit.subject_key;
 SELECT * FROM subject_audit.installation;
 SELECT subject_audit.track('people', 'email');
-SELECT subject_audit.install_public_key(:'pk');
+SELECT subject_audit.install_public_key('\x01');
 
 \c - postgres
 -- 7. The actor recorded is the role that made the change, not the extension owner.

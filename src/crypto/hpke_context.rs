@@ -193,23 +193,33 @@ mod tests {
             let mut private = sk.to_vec();
             match rng.below(4) {
                 0 => rng.mutate(&mut private),
-                1 => private = rng.bytes(rng.range(0, 40)),
-                2 => enc = rng.bytes(rng.range(0, 40)),
+                1 => {
+                    let n = rng.range(0, 40);
+                    private = rng.bytes(n);
+                }
+                2 => {
+                    let n = rng.range(0, 40);
+                    enc = rng.bytes(n);
+                }
                 _ => rng.mutate(&mut enc),
             }
             let receiver = no_panic(&(&private, &enc), || ReceiverContext::new(&private, &enc));
             if private.len() != KEY_LEN {
-                assert_eq!(
-                    receiver.err(),
-                    Some(CryptoError::KeyLength(private.len()))
-                );
+                assert_eq!(receiver.err(), Some(CryptoError::KeyLength(private.len())));
             } else if enc.len() != KEY_LEN {
                 assert_eq!(receiver.err(), Some(CryptoError::BadEncapsulatedKey));
-            } else if let Ok(r) = receiver {
+            } else {
+                // Any 32 bytes are a private key; a refused encapsulated key
+                // (a point of small order) is reported as such.
+                let r = match receiver {
+                    Ok(r) => r,
+                    Err(e) => return assert_eq!(e, CryptoError::BadEncapsulatedKey),
+                };
                 // Unchanged, or a clamping-equivalent private key: the sender's
                 // key. Otherwise, another key that opens nothing of the sender's.
                 let opened = r.data_key(None).open(&nonce, b"", &ct);
-                let same = enc == sender.encapsulated_key() && clamped(&private) == clamped(&sk[..]);
+                let same =
+                    enc == sender.encapsulated_key() && clamped(&private) == clamped(&sk[..]);
                 assert_eq!(opened.is_ok(), same, "{private:x?} {enc:x?}");
             }
         });

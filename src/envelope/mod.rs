@@ -420,7 +420,9 @@ mod tests {
 
     fn random_label(rng: &mut Rng) -> Label {
         let names = |rng: &mut Rng, n| (0..n).map(|_| random_name(rng)).collect::<Vec<_>>();
-        let op = rng.pick(&["INSERT", "UPDATE", "DELETE", "", "A"]).to_string();
+        let op = rng
+            .pick(&["INSERT", "UPDATE", "DELETE", "", "A"])
+            .to_string();
         let table = rng.coin().then(|| names(rng, 2).join("."));
         let n = rng.len(4);
         (op, table, names(rng, n))

@@ -367,7 +367,11 @@ mod ledger_tests {
                 if rng.coin() {
                     text = text.to_uppercase().replacen("PSA1", "psa1", 1);
                 }
-                let text = format!("{}{text}{}", rng.pick(&["", " ", "\t\n"]), rng.pick(&["", " "]));
+                let text = format!(
+                    "{}{text}{}",
+                    rng.pick(&["", " ", "\t\n"]),
+                    rng.pick(&["", " "])
+                );
                 assert_eq!(check_parse(&text), Some((id, hash)));
                 return;
             }

@@ -262,7 +262,13 @@ mod tests {
                 1 => {
                     text = text
                         .chars()
-                        .map(|c| if rng.coin() { c.to_ascii_uppercase() } else { c })
+                        .map(|c| {
+                            if rng.coin() {
+                                c.to_ascii_uppercase()
+                            } else {
+                                c
+                            }
+                        })
                         .collect()
                 }
                 _ => {}

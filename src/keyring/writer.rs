@@ -44,7 +44,9 @@ struct WriterState {
     /// Subjects cached since the transaction began, with the subtransaction
     /// that cached them: only these need attention at commit or abort.
     pending_subjects: Vec<([u8; DIGEST_LEN], pg_sys::SubTransactionId)>,
-    digester: Option<SubjectDigester>,
+    /// `since` is set when this transaction created the secret: a rollback
+    /// takes the secret away again, so the digester must go with it.
+    digester: Option<Cached<SubjectDigester>>,
     /// OIDs of the tables whose invalidation clears the caches above.
     watched: Option<(pg_sys::Oid, pg_sys::Oid)>,
 }
@@ -122,18 +124,23 @@ pub fn writer_context() -> Rc<WriterContext> {
     ctx
 }
 
-/// The secret that keys subject digests, created on first use.
-fn installation_secret() -> Vec<u8> {
+/// The secret that keys subject digests, created on first use (then the
+/// flag is true).
+fn installation_secret() -> (Vec<u8>, bool) {
     let read = || {
         store::as_owner(|| {
-            store::select_one::<Vec<u8>>("SELECT subject_secret FROM subject_audit.installation", &[])
+            store::select_one::<Vec<u8>>(
+                "SELECT subject_secret FROM subject_audit.installation",
+                &[],
+            )
         })
     };
     if let Ok(Some(secret)) = read() {
-        return secret;
+        return (secret, false);
     }
     let mut secret = Zeroizing::new(vec![0u8; DIGEST_LEN]);
-    crypto::fill_random(&mut secret).unwrap_or_else(|e| raise(ERRCODE_INTERNAL_ERROR, e.to_string()));
+    crypto::fill_random(&mut secret)
+        .unwrap_or_else(|e| raise(ERRCODE_INTERNAL_ERROR, e.to_string()));
     // Two first writers at once: one row wins, both then read it.
     store::as_owner(|| {
         Spi::run_with_args(
@@ -148,7 +155,7 @@ fn installation_secret() -> Vec<u8> {
         )
     });
     match read() {
-        Ok(Some(secret)) => secret,
+        Ok(Some(secret)) => (secret, true),
         _ => raise(
             ERRCODE_DATA_CORRUPTED,
             "subject_audit.installation holds no secret; reinstall pg_subject_audit",
@@ -158,15 +165,21 @@ fn installation_secret() -> Vec<u8> {
 
 /// The keyed digest of a subject token, as stored in `subject_key`.
 pub fn subject_digest(token: &[u8]) -> [u8; DIGEST_LEN] {
-    if let Some(d) = WRITER.with(|w| w.borrow().digester.clone()) {
+    if let Some(d) = WRITER.with(|w| w.borrow().digester.as_ref().map(|c| c.value.clone())) {
         return d.digest(token);
     }
     watch_tables();
-    let secret = installation_secret();
+    let (secret, created) = installation_secret();
     let secret = Zeroizing::new(secret);
     let digester = SubjectDigester::new(&secret);
     let digest = digester.digest(token);
-    WRITER.with(|w| w.borrow_mut().digester = Some(digester));
+    let since = created.then(current_subxact).flatten();
+    WRITER.with(|w| {
+        w.borrow_mut().digester = Some(Cached {
+            value: digester,
+            since,
+        })
+    });
     digest
 }
 
@@ -362,6 +375,9 @@ pub(super) fn on_commit() {
         if let Some(c) = w.context.as_mut() {
             c.since = None;
         }
+        if let Some(c) = w.digester.as_mut() {
+            c.since = None;
+        }
         w.pending_subjects.clear();
     });
 }
@@ -372,6 +388,12 @@ pub(super) fn on_commit() {
 pub(super) fn on_abort(subid: pg_sys::SubTransactionId) {
     WRITER.with(|w| {
         let mut w = w.borrow_mut();
+        if w.digester
+            .as_ref()
+            .is_some_and(|c| c.since.is_some_and(|s| s >= subid))
+        {
+            w.digester = None;
+        }
         if w.context
             .as_ref()
             .is_some_and(|c| c.since.is_some_and(|s| s >= subid))
