@@ -19,6 +19,20 @@ CREATE DATABASE restored_16;
 
 \set restored 'dbname=restored_16 options=-csubject_audit.session_key=' :sk
 \c :restored
+-- Restored into a cluster whose transaction counter is behind the sealed
+-- ledger (simulated with a block far ahead): writes are refused, not let
+-- fall into sealed blocks.
+BEGIN;
+SET LOCAL session_replication_role = replica;
+INSERT INTO subject_audit.block (block_id, from_txid, to_txid, event_count, merkle_root, previous_hash, block_hash)
+VALUES (1000, 0, 1000000000000, 0, '\x00', '\x00', '\x00');
+SET LOCAL session_replication_role = origin;
+DO $$ BEGIN
+    UPDATE members SET email = 'ann@refused.example' WHERE id = 1;
+EXCEPTION WHEN object_not_in_prerequisite_state THEN
+    RAISE NOTICE 'refused: %', regexp_replace(SQLERRM, '[0-9]+', 'N', 'g');
+END $$;
+ROLLBACK;
 SELECT operation, before, after FROM subject_audit.audit_for_subject('ann') WHERE operation <> 'READ';
 SELECT operation, before, after FROM subject_audit.audit_for_subject('ben') WHERE operation <> 'READ';
 SELECT ok, problems FROM subject_audit.verify(:'checkpoint');

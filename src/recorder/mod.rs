@@ -20,7 +20,7 @@ use crate::crypto::{self, DataKey, DIGEST_LEN, NONCE_LEN};
 use crate::envelope::{self, Binding};
 use crate::integrity::{row_hash, EventFields};
 use crate::keyring;
-use crate::store::{self, error::raise};
+use crate::store::{self, error::raise, error::raise_with_hint};
 use inserter::{text_array, text_datum, EventInserter, EVENT_COLUMNS};
 
 unsafe extern "C-unwind" {
@@ -69,11 +69,40 @@ pub fn record(header: &Header<'_>, statement: &StatementContext, drafts: &[Draft
     unsafe { record_unchecked(header, statement, drafts) }
 }
 
+thread_local! {
+    static LEDGER_HORIZON_CHECKED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Once per backend: the sealed ledger must lie behind this cluster's
+/// transaction counter. It always does, unless the database was restored
+/// into another cluster whose counter is behind: new events would then fall
+/// into sealed blocks and break verification, so nothing is written until
+/// the counter is advanced (docs/ledger.md).
+fn check_ledger_horizon(txid: u64) {
+    if LEDGER_HORIZON_CHECKED.with(std::cell::Cell::get) {
+        return;
+    }
+    let sealed_to = store::as_owner(|| {
+        store::select_one::<i64>("SELECT pg_catalog.max(to_txid) FROM subject_audit.block", &[])
+    });
+    if let Ok(Some(sealed_to)) = sealed_to {
+        if (txid as i64) < sealed_to {
+            raise_with_hint(
+                ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                format!("the audit ledger is sealed up to transaction {sealed_to}, but this cluster is at transaction {txid}: was this database restored into another cluster?"),
+                "advance the cluster's transaction counter past the ledger (pg_resetwal -x, see docs/ledger.md) before writing",
+            );
+        }
+    }
+    LEDGER_HORIZON_CHECKED.with(|c| c.set(true));
+}
+
 unsafe fn record_unchecked(
     header: &Header<'_>,
     statement: &StatementContext,
     drafts: &[Draft],
 ) -> Vec<i64> {
+    check_ledger_horizon(statement.txid);
     let encrypted = drafts.iter().any(|d| d.payload.is_some());
     let writer = encrypted.then(keyring::writer_context);
     let digests: Vec<[u8; DIGEST_LEN]> = drafts
