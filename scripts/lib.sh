@@ -64,7 +64,7 @@ start_standby() {
     mkdir -p "$dir/standby"
     chown postgres: "$dir/standby"
     runuser -u postgres -- "$PG_BIN/pg_basebackup" -h "$dir" -p "$primary_port" -U postgres \
-        -D "$dir/standby/data" -R -X stream >/dev/null
+        -D "$dir/standby/data" -R -X stream -c fast >/dev/null
     echo "port = $port" >>"$dir/standby/data/postgresql.conf"
     runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$dir/standby/data" -l "$dir/standby/server.log" -w start >/dev/null
 }

@@ -35,6 +35,7 @@ extension_sql_file!("../sql/finalize.sql", name = "finalize", finalize);
 
 static ACTOR: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 static REASON: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+static REQUIRE_RECORDED_READS: GucSetting<bool> = GucSetting::<bool>::new(false);
 /// Owned by the GUC machinery; only ever holds the mask, never a key.
 static mut SESSION_KEY: *mut c_char = std::ptr::null_mut();
 
@@ -56,6 +57,14 @@ pub extern "C-unwind" fn _PG_init() {
         c"Set per transaction with SET LOCAL. Empty means the database role.",
         &ACTOR,
         GucContext::Userset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_bool_guc(
+        c"subject_audit.require_recorded_reads",
+        c"Refuse reads of a trail that cannot be recorded (read-only transaction, hot standby).",
+        c"Off: such reads work, with a NOTICE that they went unrecorded. Superuser-only, so set it per role or database for readers.",
+        &REQUIRE_RECORDED_READS,
+        GucContext::Suset,
         GucFlags::default(),
     );
     GucRegistry::define_string_guc(
@@ -164,7 +173,11 @@ unsafe extern "C-unwind" fn check_session_subject(
         return true;
     }
     let raw = CStr::from_ptr(*newval);
-    if raw.is_empty() || raw == SESSION_SUBJECT_MASK || source == pg_sys::GucSource::PGC_S_DEFAULT {
+    // The mask itself is what a bound session holds, and nothing else.
+    if raw.is_empty() || source == pg_sys::GucSource::PGC_S_DEFAULT {
+        return true;
+    }
+    if raw == SESSION_SUBJECT_MASK && keyring::is_bound() {
         return true;
     }
     if source != pg_sys::GucSource::PGC_S_CLIENT {

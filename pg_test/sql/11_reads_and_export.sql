@@ -58,6 +58,15 @@ SELECT count(*) AS columns FROM subject_audit.audit_event('p-1', :ann_update);
 SELECT subject_audit.export_subject('p-1') -> 'event_count' AS exported;
 COMMIT;
 SELECT count(*) FILTER (WHERE operation = 'READ') AS reads_of_ann FROM subject_audit.audit_for_subject('p-1');
+-- With subject_audit.require_recorded_reads on (superuser-only), such reads are refused.
+SET subject_audit.require_recorded_reads = on;
+BEGIN READ ONLY;
+SELECT count(*) FROM subject_audit.audit_for_subject('p-1');
+ROLLBACK;
+RESET subject_audit.require_recorded_reads;
+SET ROLE clinic_app;
+SET subject_audit.require_recorded_reads = off;
+RESET ROLE;
 
 -- The export document: header, one object per event with its context and values.
 SELECT subject_audit.export_subject('p-2') AS doc \gset
@@ -92,3 +101,6 @@ SELECT sk FROM test_key \gset
 SELECT pg_is_in_recovery();
 SELECT count(*) AS events FROM subject_audit.audit_for_subject('p-1');
 SELECT subject_audit.record_access('p-1', 'opened patient record');
+-- ALTER SYSTEM works on a standby, where its SETTING event cannot be written.
+ALTER SYSTEM SET subject_audit.seal_interval = 300;
+ALTER SYSTEM RESET subject_audit.seal_interval;

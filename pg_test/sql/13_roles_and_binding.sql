@@ -110,8 +110,19 @@ ALTER DATABASE postgres SET work_mem = '8MB';
 ALTER DATABASE postgres RESET work_mem;
 SET ROLE r13_dba;
 ALTER TABLE accounts DISABLE TRIGGER subject_audit_capture_update;
+-- Back on, but only in origin mode: replica sessions would go uncaptured.
 ALTER TABLE accounts ENABLE TRIGGER subject_audit_capture_update;
+ALTER TABLE accounts ENABLE REPLICA TRIGGER subject_audit_capture_insert;
+-- Fully back: no new gap, no event.
+ALTER TABLE accounts ENABLE ALWAYS TRIGGER subject_audit_capture_update,
+                     ENABLE ALWAYS TRIGGER subject_audit_capture_insert;
 DROP TRIGGER subject_audit_capture_delete ON accounts;
+-- Capture triggers cannot be renamed, replaced or made by hand.
+ALTER TRIGGER subject_audit_capture_insert ON accounts RENAME TO quiet;
+CREATE OR REPLACE TRIGGER subject_audit_capture_update AFTER UPDATE ON accounts
+    FOR EACH STATEMENT EXECUTE FUNCTION subject_audit.capture_change();
+CREATE TRIGGER second_capture AFTER INSERT ON accounts
+    FOR EACH STATEMENT EXECUTE FUNCTION subject_audit.capture_change();
 SELECT subject_audit.untrack('accounts');
 RESET ROLE;
 SELECT operation, title, actor, subject_ref IS NULL AS no_subject

@@ -148,7 +148,7 @@ pub unsafe fn on_statement(trigger: &pg_sys::TriggerData) {
     };
     match operation {
         Operation::Truncate => {
-            scan_rows(relation, &mut |row| {
+            scan_rows(relation, (*trigger.tg_trigger).tgfoid, &mut |row| {
                 in_row_memory(&mut || events.push(whole_row(row, false)));
                 flush_full(&mut events);
             });
@@ -247,7 +247,7 @@ impl Row {
 /// TRUNCATE holds its lock already, so no committed row is missed. A
 /// partitioned table is truncated with all its partitions, each firing its
 /// own trigger: here it reads only leaves without one (in its column layout).
-unsafe fn scan_rows(relation: pg_sys::Relation, f: &mut dyn FnMut(&Row)) {
+unsafe fn scan_rows(relation: pg_sys::Relation, capture_fn: pg_sys::Oid, f: &mut dyn FnMut(&Row)) {
     let relid = (*relation).rd_id;
     let parent_desc = (*relation).rd_att;
     let leaves: Vec<pg_sys::Oid> =
@@ -259,7 +259,7 @@ unsafe fn scan_rows(relation: pg_sys::Relation, f: &mut dyn FnMut(&Row)) {
                 .map(|i| (*(*all).elements.add(i)).oid_value)
                 .filter(|&oid| {
                     pg_sys::get_rel_relkind(oid) == pg_sys::RELKIND_RELATION as std::ffi::c_char
-                        && !has_truncate_capture(oid)
+                        && !has_truncate_capture(oid, capture_fn)
                 })
                 .collect()
         } else {
@@ -307,15 +307,25 @@ unsafe fn scan_rows(relation: pg_sys::Relation, f: &mut dyn FnMut(&Row)) {
     pg_sys::UnregisterSnapshot(snapshot);
 }
 
-/// Whether `relid` has an enabled capture trigger for TRUNCATE of its own.
-unsafe fn has_truncate_capture(relid: pg_sys::Oid) -> bool {
+/// Whether `relid` has a TRUNCATE trigger calling `capture_fn` that fires
+/// now (the rule of trigger.c: ALWAYS, or ORIGIN/REPLICA by
+/// `session_replication_role`).
+unsafe fn has_truncate_capture(relid: pg_sys::Oid, capture_fn: pg_sys::Oid) -> bool {
+    let replica = pg_sys::SessionReplicationRole == pg_sys::SESSION_REPLICATION_ROLE_REPLICA as i32;
     let rel = pg_sys::table_open(relid, pg_sys::AccessShareLock as i32);
     let triggers = (*rel).trigdesc;
     let found = !triggers.is_null()
         && (0..(*triggers).numtriggers as usize).any(|i| {
             let trigger = &*(*triggers).triggers.add(i);
-            trigger.tgenabled != pg_sys::TRIGGER_DISABLED as std::ffi::c_char
-                && CStr::from_ptr(trigger.tgname).to_bytes() == b"subject_audit_capture_truncate"
+            let fires = match trigger.tgenabled as u8 {
+                b'A' => true,
+                b'O' => !replica,
+                b'R' => replica,
+                _ => false,
+            };
+            fires
+                && trigger.tgfoid == capture_fn
+                && trigger.tgtype & pg_sys::TRIGGER_TYPE_TRUNCATE as i16 != 0
         });
     pg_sys::table_close(rel, pg_sys::AccessShareLock as i32);
     found

@@ -28,6 +28,8 @@ pub struct TableMeta {
     /// `schema.table` of the tracked table (a partition's tracked ancestor)
     /// when the metadata was built: events keep it as text.
     pub name: String,
+    /// The tracked table itself, or the partition's tracked ancestor.
+    pub tracked: pg_sys::Oid,
     pub subject: Column,
     /// Captured columns: every live column but the excluded ones.
     pub columns: Vec<Column>,
@@ -72,7 +74,8 @@ pub fn on_relation_invalidated(relid: pg_sys::Oid) {
         if relid == pg_sys::InvalidOid {
             t.clear();
         } else {
-            t.remove(&relid);
+            // A partition's entry also goes when its tracked ancestor changes.
+            t.retain(|&key, meta| key != relid && meta.tracked != relid);
         }
     });
 }
@@ -86,7 +89,7 @@ unsafe fn build(relation: pg_sys::Relation) -> TableMeta {
                 "WITH a AS (SELECT $1::pg_catalog.oid::pg_catalog.regclass AS relid, 0::pg_catalog.int8 AS depth \
                  UNION ALL SELECT p.relid, p.depth FROM pg_catalog.pg_partition_ancestors($1::pg_catalog.oid::pg_catalog.regclass) \
                  WITH ORDINALITY p(relid, depth)) \
-                 SELECT pg_catalog.format('%I.%I', n.nspname, c.relname), \
+                 SELECT t.relid::pg_catalog.oid, pg_catalog.format('%I.%I', n.nspname, c.relname), \
                  (SELECT x.attname::pg_catalog.text FROM pg_catalog.pg_attribute x \
                   WHERE x.attrelid OPERATOR(pg_catalog.=) t.relid AND x.attnum OPERATOR(pg_catalog.=) t.subject_attnum), \
                  ARRAY(SELECT x.attname::pg_catalog.text FROM pg_catalog.pg_attribute x \
@@ -103,14 +106,15 @@ unsafe fn build(relation: pg_sys::Relation) -> TableMeta {
             }
             let row = rows.first();
             Ok::<_, pgrx::spi::SpiError>(Some((
-                row.get::<String>(1)?.unwrap_or_default(),
-                row.get::<String>(2)?,
-                row.get::<Vec<String>>(3)?.unwrap_or_default(),
+                row.get::<pg_sys::Oid>(1)?.unwrap_or_default(),
+                row.get::<String>(2)?.unwrap_or_default(),
+                row.get::<String>(3)?,
+                row.get::<Vec<String>>(4)?.unwrap_or_default(),
             )))
         })
     });
     let here = qualified_name(relation);
-    let Ok(Some((name, subject_name, excluded_names))) = config else {
+    let Ok(Some((tracked, name, subject_name, excluded_names))) = config else {
         raise(
             ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             format!("table {here} is not tracked by pg_subject_audit; drop its subject_audit triggers or call subject_audit.track()"),
@@ -173,6 +177,7 @@ unsafe fn build(relation: pg_sys::Relation) -> TableMeta {
     };
     TableMeta {
         name,
+        tracked,
         subject,
         column_names: columns.iter().map(|c| c.name.clone()).collect(),
         columns,

@@ -138,6 +138,18 @@ fn installation_secret() -> (Vec<u8>, bool) {
     if let Ok(Some(secret)) = read() {
         return (secret, false);
     }
+    // Subject keys without the secret that made their digests: a restore
+    // has not brought the secret back yet. A new one would orphan them all.
+    let orphans = store::as_owner(|| {
+        store::select_one::<bool>("SELECT EXISTS (SELECT FROM subject_audit.subject_key)", &[])
+    });
+    if !matches!(orphans, Ok(Some(false))) {
+        raise_with_hint(
+            ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            "subject_audit.installation holds no secret, but subject keys exist",
+            "a restore may be in progress: let pg_restore finish (restore into a database nobody writes to)",
+        );
+    }
     let mut secret = Zeroizing::new(vec![0u8; DIGEST_LEN]);
     crypto::fill_random(&mut secret)
         .unwrap_or_else(|e| raise(ERRCODE_INTERNAL_ERROR, e.to_string()));

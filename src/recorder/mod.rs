@@ -83,7 +83,10 @@ fn check_ledger_horizon(txid: u64) {
         return;
     }
     let sealed_to = store::as_owner(|| {
-        store::select_one::<i64>("SELECT pg_catalog.max(to_txid) FROM subject_audit.block", &[])
+        store::select_one::<i64>(
+            "SELECT pg_catalog.max(to_txid) FROM subject_audit.block",
+            &[],
+        )
     });
     if let Ok(Some(sealed_to)) = sealed_to {
         if (txid as i64) < sealed_to {

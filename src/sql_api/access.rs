@@ -14,9 +14,10 @@ use crate::store::error::raise_with_hint;
 
 /// Records that the trail of `token` was read by one of our functions. In a
 /// read-only transaction or on a standby the read goes on unrecorded, with a
-/// NOTICE saying so.
+/// NOTICE saying so, unless `subject_audit.require_recorded_reads` is on.
 pub fn record_trail_read(token: &str, title: &str) {
     if let Some(why) = read_only_reason() {
+        super::admin::refuse_unrecorded("read of the audit trail", why);
         notice!("this read of the audit trail is not recorded in the subject's trail: {why}");
         return;
     }

@@ -4,7 +4,10 @@
 
 use pgrx::prelude::*;
 
+use pgrx::PgSqlErrorCode::*;
+
 use crate::recorder::{self, Draft, Header, StatementContext, Subject};
+use crate::store::{self, error::raise_with_hint};
 
 /// Why no event can be written here, if none can.
 pub fn read_only_reason() -> Option<&'static str> {
@@ -17,11 +20,24 @@ pub fn read_only_reason() -> Option<&'static str> {
     }
 }
 
+/// With `subject_audit.require_recorded_reads` on, an access that cannot be
+/// recorded is refused rather than let through with a NOTICE.
+pub fn refuse_unrecorded(what: &str, why: &str) {
+    if store::setting(c"subject_audit.require_recorded_reads").as_deref() == Some("on") {
+        raise_with_hint(
+            ERRCODE_READ_ONLY_SQL_TRANSACTION,
+            format!("this {what} cannot be recorded: {why}"),
+            "subject_audit.require_recorded_reads is on: read in a read-write transaction on the primary",
+        );
+    }
+}
+
 /// Records that this session unlocked `key_id` (never the key). Where no
 /// event can be written the unlock still holds, and a NOTICE says it went
-/// unrecorded.
+/// unrecorded (unless `subject_audit.require_recorded_reads` is on).
 pub fn record_unlock(key_id: i32, how: &str) {
     if let Some(why) = read_only_reason() {
+        refuse_unrecorded("unlock", why);
         notice!("the unlock of key {key_id} is not recorded in the admin trail: {why}");
         return;
     }

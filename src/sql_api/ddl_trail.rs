@@ -3,9 +3,10 @@
 //! - SETTING: ALTER SYSTEM, ALTER DATABASE … SET and ALTER ROLE … SET on a
 //!   `subject_audit.*` parameter (and RESET ALL, which resets ours too). A
 //!   session's own SET is not recorded: it changes nothing for anyone else.
-//! - CAPTURE_OFF: dropping or disabling a capture trigger behind `untrack()`'s
-//!   back (DROP TRIGGER, ALTER TABLE … DISABLE TRIGGER), so switching capture
-//!   off never goes unseen.
+//! - CAPTURE_OFF: a capture trigger dropped, disabled, set to fire only in
+//!   origin or replica mode or re-pointed behind `untrack()`'s back, whatever
+//!   the statement (the state after it is checked, not its syntax); creating,
+//!   replacing or renaming a capture trigger by hand is refused.
 //!
 //! - Tracked tables follow DDL: dropping one removes it from `tracked` (an
 //!   UNTRACK event says so; its events stay), and dropping its subject
@@ -20,6 +21,7 @@ use std::ffi::CStr;
 use pgrx::pg_sys;
 
 use super::{admin, tracking};
+use crate::store;
 
 static mut PREVIOUS_PROCESS_UTILITY: pg_sys::ProcessUtility_hook_type = None;
 
@@ -66,22 +68,29 @@ unsafe extern "C-unwind" fn process_utility(
     dest: *mut pg_sys::DestReceiver,
     completion: *mut pg_sys::QueryCompletion,
 ) {
-    // Described before running: the statement's tree may be scribbled on.
     let node = (*statement).utilityStmt;
-    let change = describe_setting(node)
-        .map(|title| ("SETTING", title))
-        .or_else(|| {
-            let own = OWN_DDL.with(Cell::get);
-            (!own)
-                .then(|| describe_capture_off(node))
-                .flatten()
-                .map(|title| ("CAPTURE_OFF", title))
-        });
-    let installed = extension_installed();
-    if installed {
+    // Most statements concern us not at all; none can while the transaction
+    // is aborted (ROLLBACK), when no catalog may be read.
+    // Nor do the extension's own scripts (CREATE/ALTER EXTENSION).
+    let relevant = !node.is_null()
+        && RELEVANT.contains(&(*node).type_)
+        && pg_sys::IsTransactionState()
+        && !pg_sys::creating_extension;
+    let installed = relevant && extension_installed();
+    let own = OWN_DDL.with(Cell::get);
+    // Described before running: the statement's tree may be scribbled on.
+    let setting = if installed {
+        describe_setting(node)
+    } else {
+        None
+    };
+    if installed && !own {
         tracking::refuse_subject_column_drop(node);
+        refuse_capture_trigger_ddl(node);
     }
     let tracked_before = (installed && drops_relations(node)).then(tracking::tracked_tables);
+    let gaps_before =
+        (installed && !own && may_switch_capture_off(node)).then(tracking::capture_gaps);
     let partition = if installed {
         partition_change(node)
     } else {
@@ -111,12 +120,18 @@ unsafe extern "C-unwind" fn process_utility(
             completion,
         ),
     }
-    // Checked again: the statement may have been CREATE or DROP EXTENSION.
-    if !extension_installed() {
+    // Checked again: the statement may have been DROP EXTENSION.
+    if !installed || !extension_installed() {
         return;
     }
-    if let Some((operation, title)) = change {
-        admin::record(operation, &title, None);
+    if let Some(title) = setting {
+        // ALTER SYSTEM runs on a standby too, where nothing can be written.
+        match admin::read_only_reason() {
+            Some(why) => {
+                pgrx::warning!("this settings change is not recorded in the admin trail: {why}")
+            }
+            None => admin::record("SETTING", &title, None),
+        }
     }
     if let Some(before) = tracked_before {
         tracking::forget_dropped_tables(&before);
@@ -133,6 +148,79 @@ unsafe extern "C-unwind" fn process_utility(
             tracking::follow_partition(relid, attached);
         }
     }
+    // Whatever the syntax, what counts is the state it leaves: every capture
+    // trigger present, calling capture_change(), firing ALWAYS.
+    if let Some(before) = gaps_before {
+        for gap in tracking::capture_gaps()
+            .into_iter()
+            .filter(|g| !before.contains(g))
+        {
+            admin::record("CAPTURE_OFF", &format!("capture off: {gap}"), None);
+        }
+    }
+}
+
+/// Statements the hook looks at; everything else passes straight through.
+const RELEVANT: [pg_sys::NodeTag; 10] = [
+    pg_sys::NodeTag::T_AlterSystemStmt,
+    pg_sys::NodeTag::T_AlterDatabaseSetStmt,
+    pg_sys::NodeTag::T_AlterRoleSetStmt,
+    pg_sys::NodeTag::T_AlterTableStmt,
+    pg_sys::NodeTag::T_DropStmt,
+    pg_sys::NodeTag::T_DropOwnedStmt,
+    pg_sys::NodeTag::T_RenameStmt,
+    pg_sys::NodeTag::T_CreateTrigStmt,
+    pg_sys::NodeTag::T_AlterObjectDependsStmt,
+    pg_sys::NodeTag::T_CreateStmt,
+];
+
+/// Statements that can drop, disable or re-point a capture trigger.
+unsafe fn may_switch_capture_off(node: *mut pg_sys::Node) -> bool {
+    matches!(
+        (*node).type_,
+        pg_sys::NodeTag::T_AlterTableStmt
+            | pg_sys::NodeTag::T_DropStmt
+            | pg_sys::NodeTag::T_DropOwnedStmt
+            | pg_sys::NodeTag::T_AlterObjectDependsStmt
+    )
+}
+
+/// Capture triggers belong to `track()`: replacing or renaming one by hand is
+/// refused (a renamed trigger would escape every check by name), and so is
+/// a trigger calling capture_change() under another name (it would record
+/// events twice) or one of ours calling anything else. A plain CREATE
+/// TRIGGER of ours calling capture_change() is what pg_restore sends: allowed.
+unsafe fn refuse_capture_trigger_ddl(node: *mut pg_sys::Node) {
+    let refused = match (*node).type_ {
+        pg_sys::NodeTag::T_CreateTrigStmt => {
+            let stmt = node as *mut pg_sys::CreateTrigStmt;
+            let name = text((*stmt).trigname);
+            let calls_capture = list_items((*stmt).funcname)
+                .last()
+                .is_some_and(|&f| text((*(f as *mut pg_sys::String)).sval) == "capture_change");
+            let ours = is_capture_trigger(&name);
+            ((ours && ((*stmt).replace || !calls_capture)) || (calls_capture && !ours))
+                .then_some(name)
+        }
+        pg_sys::NodeTag::T_RenameStmt => {
+            let stmt = node as *mut pg_sys::RenameStmt;
+            let name = text((*stmt).subname);
+            ((*stmt).renameType == pg_sys::ObjectType::OBJECT_TRIGGER && is_capture_trigger(&name))
+                .then_some(name)
+        }
+        _ => None,
+    };
+    if let Some(name) = refused {
+        store::error::raise_with_hint(
+            pgrx::PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+            format!("trigger \"{name}\": capture triggers are managed by pg_subject_audit"),
+            "use subject_audit.track() and subject_audit.untrack()",
+        );
+    }
+}
+
+fn is_capture_trigger(name: &str) -> bool {
+    name.starts_with("subject_audit_capture_")
 }
 
 /// The partition a statement creates, attaches (true) or detaches (false).
@@ -151,7 +239,8 @@ unsafe fn partition_change(node: *mut pg_sys::Node) -> Option<(*mut pg_sys::Rang
                 let cmd = cmd as *mut pg_sys::AlterTableCmd;
                 let attached = match (*cmd).subtype {
                     pg_sys::AlterTableType::AT_AttachPartition => true,
-                    pg_sys::AlterTableType::AT_DetachPartition => false,
+                    pg_sys::AlterTableType::AT_DetachPartition
+                    | pg_sys::AlterTableType::AT_DetachPartitionFinalize => false,
                     _ => return None,
                 };
                 let partition = (*cmd).def as *mut pg_sys::PartitionCmd;
@@ -240,79 +329,6 @@ unsafe fn describe_setting(node: *mut pg_sys::Node) -> Option<String> {
         _ => format!("SET {name}"),
     };
     Some(format!("{scope} {action}"))
-}
-
-/// `DROP TRIGGER subject_audit_capture_update ON public.customers`, if the
-/// statement drops or disables a capture trigger (or all triggers) of a table.
-unsafe fn describe_capture_off(node: *mut pg_sys::Node) -> Option<String> {
-    if node.is_null() {
-        return None;
-    }
-    match (*node).type_ {
-        pg_sys::NodeTag::T_DropStmt => {
-            let stmt = node as *mut pg_sys::DropStmt;
-            if (*stmt).removeType != pg_sys::ObjectType::OBJECT_TRIGGER {
-                return None;
-            }
-            // Each object is a name list: [schema.]table.trigger.
-            let dropped: Vec<String> = list_items((*stmt).objects)
-                .into_iter()
-                .map(|names| {
-                    list_items(names.cast())
-                        .into_iter()
-                        .map(|n| text((*(n as *mut pg_sys::String)).sval))
-                        .collect::<Vec<_>>()
-                })
-                .filter(|parts| parts.last().is_some_and(|t| is_capture_trigger(t)))
-                .map(|parts| {
-                    let (trigger, table) = parts.split_last().expect("non-empty");
-                    format!("{trigger} ON {}", table.join("."))
-                })
-                .collect();
-            (!dropped.is_empty()).then(|| format!("DROP TRIGGER {}", dropped.join(", ")))
-        }
-        pg_sys::NodeTag::T_AlterTableStmt => {
-            let stmt = node as *mut pg_sys::AlterTableStmt;
-            let disabled: Vec<String> = list_items((*stmt).cmds)
-                .into_iter()
-                .filter_map(|cmd| {
-                    let cmd = cmd as *mut pg_sys::AlterTableCmd;
-                    match (*cmd).subtype {
-                        pg_sys::AlterTableType::AT_DisableTrig
-                            if is_capture_trigger(&text((*cmd).name)) =>
-                        {
-                            Some(format!("DISABLE TRIGGER {}", text((*cmd).name)))
-                        }
-                        pg_sys::AlterTableType::AT_DisableTrigAll => {
-                            Some("DISABLE TRIGGER ALL".into())
-                        }
-                        pg_sys::AlterTableType::AT_DisableTrigUser => {
-                            Some("DISABLE TRIGGER USER".into())
-                        }
-                        _ => None,
-                    }
-                })
-                .collect();
-            let relation = (*stmt).relation;
-            if disabled.is_empty() || relation.is_null() {
-                return None;
-            }
-            let table = match (*relation).schemaname.is_null() {
-                true => text((*relation).relname),
-                false => format!(
-                    "{}.{}",
-                    text((*relation).schemaname),
-                    text((*relation).relname)
-                ),
-            };
-            Some(format!("ALTER TABLE {table} {}", disabled.join(", ")))
-        }
-        _ => None,
-    }
-}
-
-fn is_capture_trigger(name: &str) -> bool {
-    name.starts_with("subject_audit_capture_")
 }
 
 pub(super) unsafe fn list_items(list: *mut pg_sys::List) -> Vec<*mut std::ffi::c_void> {

@@ -228,6 +228,38 @@ pub(super) fn follow_partition(relid: pg_sys::Oid, attached: bool) {
     }
 }
 
+/// What is wrong with the capture triggers of the tracked tables and their
+/// partitions, one line per trigger: missing, disabled, firing only in
+/// origin or replica mode, or calling another function.
+pub(super) fn capture_gaps() -> Vec<String> {
+    let gaps = store::as_owner(|| {
+        Spi::get_one::<Vec<String>>(
+            "WITH tables AS (SELECT DISTINCT p.relid FROM subject_audit.tracked_table t, \
+               LATERAL (SELECT t.relid UNION SELECT x.relid FROM pg_catalog.pg_partition_tree(t.relid) x) p(relid)), \
+             expected(tgname) AS (VALUES ('subject_audit_capture_insert'), ('subject_audit_capture_update'), \
+               ('subject_audit_capture_delete'), ('subject_audit_capture_truncate')) \
+             SELECT pg_catalog.array_agg(pg_catalog.format('%s: %s %s', tables.relid::pg_catalog.regclass::pg_catalog.text, e.tgname, \
+               CASE WHEN g.oid IS NULL THEN 'missing' \
+                    WHEN g.tgfoid OPERATOR(pg_catalog.<>) 'subject_audit.capture_change()'::pg_catalog.regprocedure THEN 'calls another function' \
+                    WHEN g.tgenabled OPERATOR(pg_catalog.=) 'D' THEN 'disabled' \
+                    WHEN g.tgenabled OPERATOR(pg_catalog.=) 'R' THEN 'fires only in replica mode' \
+                    ELSE 'fires only in origin mode' END) ORDER BY tables.relid, e.tgname) \
+             FROM tables CROSS JOIN expected e \
+             LEFT JOIN pg_catalog.pg_trigger g ON g.tgrelid OPERATOR(pg_catalog.=) tables.relid \
+               AND g.tgname OPERATOR(pg_catalog.=) e.tgname \
+             WHERE g.oid IS NULL OR g.tgfoid OPERATOR(pg_catalog.<>) 'subject_audit.capture_change()'::pg_catalog.regprocedure \
+               OR g.tgenabled OPERATOR(pg_catalog.<>) 'A'",
+        )
+    });
+    gaps.unwrap_or_else(|e| {
+        raise(
+            ERRCODE_INTERNAL_ERROR,
+            format!("could not check the capture triggers: {e}"),
+        )
+    })
+    .unwrap_or_default()
+}
+
 /// Tracked tables by OID, with their names while they still have them.
 pub(super) fn tracked_tables() -> Vec<(pg_sys::Oid, String)> {
     let rows = store::as_owner(|| {
