@@ -181,7 +181,7 @@ mod tests {
     #[pg_test(error = "this public key is already installed as key 1")]
     fn a_key_is_installed_once() {
         Spi::run(
-            "ALTER TABLE subject_audit.writer_key ALTER COLUMN key_id RESTART;
+            "ALTER SEQUENCE subject_audit.writer_key_key_id_seq RESTART;
              CREATE TEMP TABLE k AS SELECT public_key FROM subject_audit.generate_keypair();
              SELECT subject_audit.install_public_key(public_key) FROM k;
              SELECT subject_audit.install_public_key(public_key) FROM k;",

@@ -67,6 +67,10 @@ RESET subject_audit.require_recorded_reads;
 SET ROLE clinic_app;
 SET subject_audit.require_recorded_reads = off;
 RESET ROLE;
+-- A settings change that could not be recorded is refused before it happens.
+SET default_transaction_read_only = on;
+ALTER SYSTEM SET subject_audit.seal_interval = 300;
+RESET default_transaction_read_only;
 
 -- The export document: header, one object per event with its context and values.
 SELECT subject_audit.export_subject('p-2') AS doc \gset

@@ -123,6 +123,9 @@ CREATE OR REPLACE TRIGGER subject_audit_capture_update AFTER UPDATE ON accounts
     FOR EACH STATEMENT EXECUTE FUNCTION subject_audit.capture_change();
 CREATE TRIGGER second_capture AFTER INSERT ON accounts
     FOR EACH STATEMENT EXECUTE FUNCTION subject_audit.capture_change();
+CREATE TRIGGER other_trigger AFTER INSERT ON accounts FOR EACH STATEMENT EXECUTE FUNCTION suppress_redundant_updates_trigger();
+ALTER TRIGGER other_trigger ON accounts RENAME TO subject_audit_capture_delete;
+DROP TRIGGER other_trigger ON accounts;
 SELECT subject_audit.untrack('accounts');
 RESET ROLE;
 SELECT operation, title, actor, subject_ref IS NULL AS no_subject

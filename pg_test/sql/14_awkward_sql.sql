@@ -52,6 +52,9 @@ SELECT operation, count(*) FROM subject_audit.events GROUP BY 1 ORDER BY 1;
 
 -- 2. Awkward SQL.
 SELECT subject_audit.track('people', 'who');
+-- DDL the extension watches still works in all its forms.
+CREATE INDEX people_email ON people (email);
+DROP INDEX CONCURRENTLY people_email;
 -- Multi-row, COPY, ON CONFLICT DO UPDATE, MERGE.
 INSERT INTO people VALUES (1, 'ann', 'ann@example.com', 'a'), (2, 'ben', 'ben@example.com', 'b');
 COPY people FROM stdin;

@@ -71,12 +71,10 @@ unsafe extern "C-unwind" fn process_utility(
     let node = (*statement).utilityStmt;
     // Most statements concern us not at all; none can while the transaction
     // is aborted (ROLLBACK), when no catalog may be read.
-    // Nor do the extension's own scripts (CREATE/ALTER EXTENSION).
-    let relevant = !node.is_null()
-        && RELEVANT.contains(&(*node).type_)
-        && pg_sys::IsTransactionState()
-        && !pg_sys::creating_extension;
-    let installed = relevant && extension_installed();
+    // Nor do our own CREATE/ALTER EXTENSION scripts.
+    let relevant =
+        !node.is_null() && RELEVANT.contains(&(*node).type_) && pg_sys::IsTransactionState();
+    let installed = relevant && extension_installed() && !in_our_script();
     let own = OWN_DDL.with(Cell::get);
     // Described before running: the statement's tree may be scribbled on.
     let setting = if installed {
@@ -84,6 +82,16 @@ unsafe extern "C-unwind" fn process_utility(
     } else {
         None
     };
+    // ALTER SYSTEM changes a file at once, for good: where its event cannot be
+    // written (a read-only transaction on the primary), refuse it first.
+    if setting.is_some() && !pg_sys::RecoveryInProgress() {
+        if let Some(why) = admin::read_only_reason() {
+            store::error::raise(
+                pgrx::PgSqlErrorCode::ERRCODE_READ_ONLY_SQL_TRANSACTION,
+                format!("cannot record this change of a subject_audit setting: {why}"),
+            );
+        }
+    }
     if installed && !own {
         tracking::refuse_subject_column_drop(node);
         refuse_capture_trigger_ddl(node);
@@ -150,18 +158,22 @@ unsafe extern "C-unwind" fn process_utility(
     }
     // Whatever the syntax, what counts is the state it leaves: every capture
     // trigger present, calling capture_change(), firing ALWAYS.
+    // A trigger that already had a gap was reported when it got it: only
+    // triggers that were healthy before count (so a restore creating the
+    // triggers, on several connections at once, reports nothing).
     if let Some(before) = gaps_before {
         for gap in tracking::capture_gaps()
             .into_iter()
-            .filter(|g| !before.contains(g))
+            .filter(|g| !before.iter().any(|b| b.trigger == g.trigger))
         {
-            admin::record("CAPTURE_OFF", &format!("capture off: {gap}"), None);
+            let title = format!("capture off: {} {}", gap.trigger, gap.problem);
+            admin::record("CAPTURE_OFF", &title, None);
         }
     }
 }
 
 /// Statements the hook looks at; everything else passes straight through.
-const RELEVANT: [pg_sys::NodeTag; 10] = [
+const RELEVANT: [pg_sys::NodeTag; 11] = [
     pg_sys::NodeTag::T_AlterSystemStmt,
     pg_sys::NodeTag::T_AlterDatabaseSetStmt,
     pg_sys::NodeTag::T_AlterRoleSetStmt,
@@ -172,41 +184,44 @@ const RELEVANT: [pg_sys::NodeTag; 10] = [
     pg_sys::NodeTag::T_CreateTrigStmt,
     pg_sys::NodeTag::T_AlterObjectDependsStmt,
     pg_sys::NodeTag::T_CreateStmt,
+    pg_sys::NodeTag::T_CreateForeignTableStmt,
 ];
 
-/// Statements that can drop, disable or re-point a capture trigger.
+/// Statements that can drop, disable or re-point a capture trigger (not a
+/// concurrent DROP, which drops an index and must start its transaction).
 unsafe fn may_switch_capture_off(node: *mut pg_sys::Node) -> bool {
-    matches!(
-        (*node).type_,
+    match (*node).type_ {
+        pg_sys::NodeTag::T_DropStmt => !(*(node as *mut pg_sys::DropStmt)).concurrent,
         pg_sys::NodeTag::T_AlterTableStmt
-            | pg_sys::NodeTag::T_DropStmt
-            | pg_sys::NodeTag::T_DropOwnedStmt
-            | pg_sys::NodeTag::T_AlterObjectDependsStmt
-    )
+        | pg_sys::NodeTag::T_DropOwnedStmt
+        | pg_sys::NodeTag::T_AlterObjectDependsStmt => true,
+        _ => false,
+    }
 }
 
-/// Capture triggers belong to `track()`: replacing or renaming one by hand is
-/// refused (a renamed trigger would escape every check by name), and so is
-/// a trigger calling capture_change() under another name (it would record
-/// events twice) or one of ours calling anything else. A plain CREATE
-/// TRIGGER of ours calling capture_change() is what pg_restore sends: allowed.
+/// Capture triggers belong to `track()`: replacing one, or renaming one or
+/// to one of their names, is refused (a renamed trigger would escape every
+/// check by name); so is a trigger calling capture_change() under another
+/// name (it would record events twice) or one of ours calling anything else.
+/// A plain CREATE TRIGGER of ours calling capture_change() is what pg_restore
+/// sends: allowed.
 unsafe fn refuse_capture_trigger_ddl(node: *mut pg_sys::Node) {
     let refused = match (*node).type_ {
         pg_sys::NodeTag::T_CreateTrigStmt => {
             let stmt = node as *mut pg_sys::CreateTrigStmt;
             let name = text((*stmt).trigname);
-            let calls_capture = list_items((*stmt).funcname)
-                .last()
-                .is_some_and(|&f| text((*(f as *mut pg_sys::String)).sval) == "capture_change");
-            let ours = is_capture_trigger(&name);
+            let function = pg_sys::LookupFuncName((*stmt).funcname, 0, std::ptr::null(), true);
+            let calls_capture = function != pg_sys::InvalidOid && function == capture_function();
+            let ours = tracking::is_capture_trigger(&name);
             ((ours && ((*stmt).replace || !calls_capture)) || (calls_capture && !ours))
                 .then_some(name)
         }
         pg_sys::NodeTag::T_RenameStmt => {
             let stmt = node as *mut pg_sys::RenameStmt;
-            let name = text((*stmt).subname);
-            ((*stmt).renameType == pg_sys::ObjectType::OBJECT_TRIGGER && is_capture_trigger(&name))
-                .then_some(name)
+            let (old, new) = (text((*stmt).subname), text((*stmt).newname));
+            ((*stmt).renameType == pg_sys::ObjectType::OBJECT_TRIGGER
+                && (tracking::is_capture_trigger(&old) || tracking::is_capture_trigger(&new)))
+            .then_some(old)
         }
         _ => None,
     };
@@ -219,8 +234,21 @@ unsafe fn refuse_capture_trigger_ddl(node: *mut pg_sys::Node) {
     }
 }
 
-fn is_capture_trigger(name: &str) -> bool {
-    name.starts_with("subject_audit_capture_")
+/// OID of `subject_audit.capture_change()`, looked up in our schema only.
+unsafe fn capture_function() -> pg_sys::Oid {
+    let schema = pg_sys::get_namespace_oid(store::SCHEMA.as_ptr(), true);
+    if schema == pg_sys::InvalidOid {
+        return pg_sys::InvalidOid;
+    }
+    let no_arguments = pg_sys::buildoidvector(std::ptr::null(), 0);
+    pg_sys::GetSysCacheOid(
+        pg_sys::SysCacheIdentifier::PROCNAMEARGSNSP as i32,
+        pg_sys::Anum_pg_proc_oid as i16,
+        pg_sys::Datum::from(c"capture_change".as_ptr()),
+        pg_sys::Datum::from(no_arguments),
+        pg_sys::Datum::from(schema),
+        pg_sys::Datum::from(0),
+    )
 }
 
 /// The partition a statement creates, attaches (true) or detaches (false).
@@ -229,7 +257,8 @@ unsafe fn partition_change(node: *mut pg_sys::Node) -> Option<(*mut pg_sys::Rang
         return None;
     }
     match (*node).type_ {
-        pg_sys::NodeTag::T_CreateStmt => {
+        // A foreign table's statement begins with a CreateStmt.
+        pg_sys::NodeTag::T_CreateStmt | pg_sys::NodeTag::T_CreateForeignTableStmt => {
             let stmt = node as *mut pg_sys::CreateStmt;
             (!(*stmt).partbound.is_null()).then(|| ((*stmt).relation, true))
         }
@@ -253,6 +282,14 @@ unsafe fn partition_change(node: *mut pg_sys::Node) -> Option<(*mut pg_sys::Rang
 
 fn extension_installed() -> bool {
     unsafe { pg_sys::get_extension_oid(c"pg_subject_audit".as_ptr(), true) != pg_sys::InvalidOid }
+}
+
+/// Running our own CREATE/ALTER EXTENSION script (other extensions' scripts
+/// are watched like any DDL).
+unsafe fn in_our_script() -> bool {
+    pg_sys::creating_extension
+        && pg_sys::CurrentExtensionObject
+            == pg_sys::get_extension_oid(c"pg_subject_audit".as_ptr(), true)
 }
 
 /// Whether the statement may drop tables (directly, by cascade or with their owner).

@@ -230,25 +230,37 @@ pub(super) fn follow_partition(relid: pg_sys::Oid, attached: bool) {
 
 /// What is wrong with the capture triggers of the tracked tables and their
 /// partitions, one line per trigger: missing, disabled, firing only in
-/// origin or replica mode, or calling another function.
-pub(super) fn capture_gaps() -> Vec<String> {
+/// origin or replica mode, calling another function, or narrowed (other
+/// events, a column list, a WHEN clause). Read-only and lock-free (the
+/// partition tree is walked in pg_inherits, not with pg_partition_tree, which
+/// locks every partition), so it can run around any DDL statement.
+pub(super) fn capture_gaps() -> Vec<CaptureGap> {
     let gaps = store::as_owner(|| {
-        Spi::get_one::<Vec<String>>(
-            "WITH tables AS (SELECT DISTINCT p.relid FROM subject_audit.tracked_table t, \
-               LATERAL (SELECT t.relid UNION SELECT x.relid FROM pg_catalog.pg_partition_tree(t.relid) x) p(relid)), \
-             expected(tgname) AS (VALUES ('subject_audit_capture_insert'), ('subject_audit_capture_update'), \
-               ('subject_audit_capture_delete'), ('subject_audit_capture_truncate')) \
-             SELECT pg_catalog.array_agg(pg_catalog.format('%s: %s %s', tables.relid::pg_catalog.regclass::pg_catalog.text, e.tgname, \
+        store::select_one::<Vec<String>>(
+            "WITH RECURSIVE tables(relid) AS ( \
+               SELECT t.relid::pg_catalog.oid FROM subject_audit.tracked_table t \
+               UNION SELECT i.inhrelid FROM pg_catalog.pg_inherits i JOIN tables ON i.inhparent OPERATOR(pg_catalog.=) tables.relid), \
+             capture(oid) AS (SELECT pg_catalog.to_regprocedure('subject_audit.capture_change()')::pg_catalog.oid), \
+             expected(tgname, tgtype) AS (VALUES ('subject_audit_capture_insert', 4), ('subject_audit_capture_update', 16), \
+               ('subject_audit_capture_delete', 8), ('subject_audit_capture_truncate', 34)) \
+             SELECT pg_catalog.array_agg(pg_catalog.format('%s: %s|%s', tables.relid::pg_catalog.regclass::pg_catalog.text, e.tgname, \
                CASE WHEN g.oid IS NULL THEN 'missing' \
-                    WHEN g.tgfoid OPERATOR(pg_catalog.<>) 'subject_audit.capture_change()'::pg_catalog.regprocedure THEN 'calls another function' \
+                    WHEN g.tgfoid OPERATOR(pg_catalog.<>) capture.oid THEN 'calls another function' \
+                    WHEN g.tgtype OPERATOR(pg_catalog.<>) e.tgtype OR g.tgqual IS NOT NULL \
+                      OR pg_catalog.cardinality(g.tgattr::pg_catalog.int2[]) OPERATOR(pg_catalog.>) 0 THEN 'narrowed' \
                     WHEN g.tgenabled OPERATOR(pg_catalog.=) 'D' THEN 'disabled' \
                     WHEN g.tgenabled OPERATOR(pg_catalog.=) 'R' THEN 'fires only in replica mode' \
                     ELSE 'fires only in origin mode' END) ORDER BY tables.relid, e.tgname) \
-             FROM tables CROSS JOIN expected e \
+             FROM tables CROSS JOIN expected e CROSS JOIN capture \
              LEFT JOIN pg_catalog.pg_trigger g ON g.tgrelid OPERATOR(pg_catalog.=) tables.relid \
                AND g.tgname OPERATOR(pg_catalog.=) e.tgname \
-             WHERE g.oid IS NULL OR g.tgfoid OPERATOR(pg_catalog.<>) 'subject_audit.capture_change()'::pg_catalog.regprocedure \
-               OR g.tgenabled OPERATOR(pg_catalog.<>) 'A'",
+             WHERE capture.oid IS NOT NULL \
+               AND EXISTS (SELECT FROM pg_catalog.pg_class c WHERE c.oid OPERATOR(pg_catalog.=) tables.relid) \
+               AND (g.oid IS NULL OR g.tgfoid OPERATOR(pg_catalog.<>) capture.oid \
+               OR g.tgtype OPERATOR(pg_catalog.<>) e.tgtype OR g.tgqual IS NOT NULL \
+               OR pg_catalog.cardinality(g.tgattr::pg_catalog.int2[]) OPERATOR(pg_catalog.>) 0 \
+               OR g.tgenabled OPERATOR(pg_catalog.<>) 'A')",
+            &[],
         )
     });
     gaps.unwrap_or_else(|e| {
@@ -258,6 +270,28 @@ pub(super) fn capture_gaps() -> Vec<String> {
         )
     })
     .unwrap_or_default()
+    .into_iter()
+    .filter_map(|line| {
+        let (trigger, problem) = line.split_once('|')?;
+        Some(CaptureGap {
+            trigger: trigger.to_owned(),
+            problem: problem.to_owned(),
+        })
+    })
+    .collect()
+}
+
+/// One capture trigger that does not capture as it should.
+pub(super) struct CaptureGap {
+    /// `table: trigger_name`
+    pub trigger: String,
+    /// missing, disabled, fires only in origin mode, ...
+    pub problem: String,
+}
+
+/// Whether `name` is one of the capture triggers' names.
+pub(super) fn is_capture_trigger(name: &str) -> bool {
+    TRIGGERS.iter().any(|(trigger, _)| *trigger == name)
 }
 
 /// Tracked tables by OID, with their names while they still have them.
