@@ -1,16 +1,17 @@
-//! Utility statements that change how auditing works enter the admin trail,
-//! once they succeeded, in the database where they ran:
+//! The utility hook: statements that change how auditing works enter the
+//! admin trail once they succeeded, in the database where they ran.
 //! - SETTING: ALTER SYSTEM, ALTER DATABASE … SET and ALTER ROLE … SET on a
-//!   `subject_audit.*` parameter (and RESET ALL, which resets ours too). A
-//!   session's own SET is not recorded: it changes nothing for anyone else.
-//! - CAPTURE_OFF: a capture trigger dropped, disabled, set to fire only in
-//!   origin or replica mode or re-pointed behind `untrack()`'s back, whatever
-//!   the statement (the state after it is checked, not its syntax); creating,
-//!   replacing or renaming a capture trigger by hand is refused.
-//!
-//! - Tracked tables follow DDL: dropping one removes it from `tracked` (an
-//!   UNTRACK event says so; its events stay), and dropping its subject
-//!   column is refused.
+//!   `subject_audit.*` parameter (and RESET ALL, which resets ours too);
+//!   refused where the event cannot be written, warned about on a standby.
+//!   A session's own SET is not recorded: it changes nothing for anyone else.
+//! - CAPTURE_OFF: a capture trigger that stops capturing (dropped, disabled,
+//!   origin- or replica-only, narrowed, re-pointed), whatever the statement:
+//!   the trigger state is checked, not the syntax. Creating, replacing or
+//!   renaming a capture trigger by hand is refused.
+//! - Tracked tables follow DDL: a dropped one leaves `tracked` (an UNTRACK
+//!   event says so; its events stay), dropping its subject column is
+//!   refused, partitions created, attached or detached later get or lose the
+//!   capture triggers.
 //!
 //! Needs the library loaded before the statement runs: with
 //! `shared_preload_libraries` it always is.
@@ -310,7 +311,7 @@ unsafe fn drops_relations(node: *mut pg_sys::Node) -> bool {
     }
 }
 
-/// `ALTER ROLE app SET subject_audit.log_reads = 'off'`, if the statement
+/// `ALTER ROLE app SET subject_audit.seal_interval = '500'`, if the statement
 /// changes one of our settings beyond this session.
 unsafe fn describe_setting(node: *mut pg_sys::Node) -> Option<String> {
     if node.is_null() {
