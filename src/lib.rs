@@ -138,16 +138,7 @@ unsafe extern "C-unwind" fn check_session_key(
         return false;
     }
     keyring::stash_from_setting(&raw.to_string_lossy());
-    let mask = libc::strdup(SESSION_KEY_MASK.as_ptr());
-    if mask.is_null() {
-        return false;
-    }
-    let old = *newval;
-    let len = libc::strlen(old);
-    std::ptr::write_bytes(old, 0, len);
-    libc::free(old.cast());
-    *newval = mask;
-    true
+    replace_with_mask(newval, SESSION_KEY_MASK)
 }
 
 #[pg_guard]
@@ -191,12 +182,21 @@ unsafe extern "C-unwind" fn check_session_subject(
             pg_sys::pstrdup(c"this session is already bound to another subject".as_ptr());
         return false;
     }
-    let mask = libc::strdup(SESSION_SUBJECT_MASK.as_ptr());
-    if mask.is_null() {
+    replace_with_mask(newval, SESSION_SUBJECT_MASK)
+}
+
+/// Wipes and frees the value a check hook was given and puts `mask` in its
+/// place (allocated with malloc, as the GUC machinery expects), so neither a
+/// key nor a token stays in the GUC table.
+unsafe fn replace_with_mask(newval: *mut *mut c_char, mask: &CStr) -> bool {
+    let masked = libc::strdup(mask.as_ptr());
+    if masked.is_null() {
         return false;
     }
-    libc::free((*newval).cast());
-    *newval = mask;
+    let old = *newval;
+    std::ptr::write_bytes(old, 0, libc::strlen(old));
+    libc::free(old.cast());
+    *newval = masked;
     true
 }
 

@@ -27,67 +27,15 @@ use pgrx::pg_sys;
 /// `InvalidSubTransactionId`: an abort of the whole transaction.
 pub(crate) const INVALID_SUBTRANSACTION_ID: pg_sys::SubTransactionId = 0;
 
-static mut PREVIOUS_PROCESS_UTILITY: pg_sys::ProcessUtility_hook_type = None;
-
-/// Registers the callbacks that keep the caches honest, and the utility hook
-/// that wipes the keyring on DISCARD ALL. Called from `_PG_init`.
+/// Registers the callbacks that keep the caches honest. Called from `_PG_init`.
 pub fn init() {
     unsafe {
-        PREVIOUS_PROCESS_UTILITY = pg_sys::ProcessUtility_hook;
-        pg_sys::ProcessUtility_hook = Some(process_utility);
         pg_sys::CacheRegisterRelcacheCallback(
             Some(on_relcache_invalidation),
             pg_sys::Datum::from(0),
         );
         pg_sys::RegisterXactCallback(Some(on_xact_event), std::ptr::null_mut());
         pg_sys::RegisterSubXactCallback(Some(on_subxact_event), std::ptr::null_mut());
-    }
-}
-
-/// DISCARD ALL resets a pooled connection for its next user: the keyring
-/// must not survive it.
-#[pgrx::pg_guard]
-#[allow(clippy::too_many_arguments)]
-unsafe extern "C-unwind" fn process_utility(
-    statement: *mut pg_sys::PlannedStmt,
-    query: *const std::ffi::c_char,
-    read_only_tree: bool,
-    context: pg_sys::ProcessUtilityContext::Type,
-    params: pg_sys::ParamListInfo,
-    query_env: *mut pg_sys::QueryEnvironment,
-    dest: *mut pg_sys::DestReceiver,
-    completion: *mut pg_sys::QueryCompletion,
-) {
-    let node = (*statement).utilityStmt;
-    if !node.is_null()
-        && (*node).type_ == pg_sys::NodeTag::T_DiscardStmt
-        && (*(node as *mut pg_sys::DiscardStmt)).target == pg_sys::DiscardMode::DISCARD_ALL
-    {
-        session::wipe();
-    }
-    match PREVIOUS_PROCESS_UTILITY {
-        Some(previous) => pg_sys::ffi::pg_guard_ffi_boundary(|| {
-            previous(
-                statement,
-                query,
-                read_only_tree,
-                context,
-                params,
-                query_env,
-                dest,
-                completion,
-            )
-        }),
-        None => pg_sys::standard_ProcessUtility(
-            statement,
-            query,
-            read_only_tree,
-            context,
-            params,
-            query_env,
-            dest,
-            completion,
-        ),
     }
 }
 

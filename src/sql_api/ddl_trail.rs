@@ -1,5 +1,6 @@
-//! The utility hook: statements that change how auditing works enter the
-//! admin trail once they succeeded, in the database where they ran.
+//! The utility hook. DISCARD ALL wipes the session keyring. Statements that
+//! change how auditing works enter the admin trail once they succeeded, in
+//! the database where they ran.
 //! - SETTING: ALTER SYSTEM, ALTER DATABASE … SET and ALTER ROLE … SET on a
 //!   `subject_audit.*` parameter (and RESET ALL, which resets ours too);
 //!   refused where the event cannot be written, warned about on a standby.
@@ -22,7 +23,7 @@ use std::ffi::CStr;
 use pgrx::pg_sys;
 
 use super::{admin, tracking};
-use crate::store;
+use crate::{keyring, store};
 
 static mut PREVIOUS_PROCESS_UTILITY: pg_sys::ProcessUtility_hook_type = None;
 
@@ -70,6 +71,14 @@ unsafe extern "C-unwind" fn process_utility(
     completion: *mut pg_sys::QueryCompletion,
 ) {
     let node = (*statement).utilityStmt;
+    // DISCARD ALL resets a pooled connection for its next user: the keyring
+    // must not survive it (a subject binding does: it lasts the connection).
+    if !node.is_null()
+        && (*node).type_ == pg_sys::NodeTag::T_DiscardStmt
+        && (*(node as *mut pg_sys::DiscardStmt)).target == pg_sys::DiscardMode::DISCARD_ALL
+    {
+        keyring::lock();
+    }
     // Most statements concern us not at all; none can while the transaction
     // is aborted (ROLLBACK), when no catalog may be read.
     // Nor do our own CREATE/ALTER EXTENSION scripts.

@@ -11,7 +11,7 @@ mod reading;
 mod roles;
 mod tracking;
 
-/// Installs the hook that records settings changes and capture switched off. Called from `_PG_init`.
+/// Installs the utility hook (DISCARD ALL, settings changes, capture switched off). Called from `_PG_init`.
 pub fn init() {
     ddl_trail::init();
 }
