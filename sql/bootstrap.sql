@@ -141,6 +141,7 @@ SELECT e.event_id,
        e.operation,
        coalesce(e.title, lower(e.operation) || ' ' || e.table_name) AS title,
        e.status,
+       e.sqlstate,
        e.actor,
        e.changed_columns,
        substr(encode(k.subject_digest, 'hex'), 1, 12) AS subject_ref

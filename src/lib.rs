@@ -2,8 +2,10 @@
 //!
 //! The pipeline, top to bottom (imports only point down):
 //! - `sql_api`   — functions SQL calls, thin
-//! - `capture`, `reading`, `ledger` — triggers and diffs; decrypting a
-//!   subject's trail; sealing and verifying
+//! - `observe` — executor hooks: reads of tracked tables, failed changes
+//! - `capture`, `reading`, `ledger`, `deferred` — triggers and diffs;
+//!   decrypting a subject's trail; sealing and verifying; the queue and
+//!   background writer for events written after their statement
 //! - `recorder` — encrypting, hashing and inserting events, for all of the above
 //! - `keyring`, `envelope`, `integrity` — keys in backend memory; payload codec
 //!   and AEAD binding; per-event ledger hashes
@@ -17,10 +19,12 @@ use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting};
 
 mod capture;
 mod crypto;
+mod deferred;
 mod envelope;
 mod integrity;
 mod keyring;
 mod ledger;
+mod observe;
 mod reading;
 mod recorder;
 mod sql_api;
@@ -103,10 +107,15 @@ pub extern "C-unwind" fn _PG_init() {
     }
     // Registration order matters: these relcache callbacks consult the
     // relation OIDs that `store` forgets in its own callback, registered last.
+    let preloading = unsafe { pg_sys::process_shared_preload_libraries_in_progress };
     keyring::init();
     capture::init();
     store::init();
     ledger::worker::init();
+    if preloading {
+        deferred::init();
+    }
+    observe::init(preloading);
     sql_api::init();
     // After every subject_audit.* setting is defined: a misspelt one is then an error.
     unsafe { pg_sys::MarkGUCPrefixReserved(c"subject_audit".as_ptr()) };

@@ -10,6 +10,8 @@
 mod diff;
 mod table_meta;
 
+pub use table_meta::TableMeta;
+
 use std::ffi::CStr;
 use std::rc::Rc;
 
@@ -20,7 +22,7 @@ use crate::envelope::{PayloadWriter, Value};
 use crate::keyring;
 use crate::recorder::{self, Draft, Header, StatementContext, Subject};
 use crate::store::error::raise;
-use table_meta::{Column, TableMeta};
+use table_meta::Column;
 
 /// Events recorded per chunk of a large statement.
 const CHUNK: usize = 10_000;
@@ -73,6 +75,37 @@ unsafe extern "C-unwind" {
     ) -> bool;
 }
 
+/// The capture metadata of `relid` if it is tracked (itself or as a
+/// partition of a tracked table). Cheap for other tables: only one with
+/// capture triggers is looked up further.
+///
+/// # Safety
+/// `relid` must be locked by the caller's statement (or not exist).
+pub unsafe fn tracked_table(relid: pg_sys::Oid) -> Option<std::rc::Rc<TableMeta>> {
+    let relation = pg_sys::RelationIdGetRelation(relid);
+    if relation.is_null() {
+        return None;
+    }
+    let triggers = (*relation).trigdesc;
+    let has_capture = !triggers.is_null()
+        && (0..(*triggers).numtriggers as usize).any(|i| {
+            let name = CStr::from_ptr((*(*triggers).triggers.add(i)).tgname);
+            name.to_bytes().starts_with(b"subject_audit_capture_")
+        });
+    let meta = if has_capture {
+        table_meta::lookup(relation)
+    } else {
+        None
+    };
+    pg_sys::RelationClose(relation);
+    meta
+}
+
+/// The capture metadata of a relation a capture trigger fires on.
+pub fn meta_of(relation: pg_sys::Relation) -> std::rc::Rc<TableMeta> {
+    table_meta::get(relation)
+}
+
 /// The body of `subject_audit.capture_change()`.
 ///
 /// # Safety
@@ -110,6 +143,7 @@ pub unsafe fn on_statement(trigger: &pg_sys::TriggerData) {
     let header = Header {
         operation: operation.as_str(),
         status: "ok",
+        sqlstate: None,
         title: None,
         table_name: Some(&meta.name),
     };

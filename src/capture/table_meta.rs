@@ -50,13 +50,25 @@ thread_local! {
     static GENERATION: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
 }
 
+/// The metadata of a table capture fires on; an error if it is not tracked.
 pub fn get(relation: pg_sys::Relation) -> Rc<TableMeta> {
+    lookup(relation).unwrap_or_else(|| {
+        let here = unsafe { qualified_name(relation) };
+        raise(
+            ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            format!("table {here} is not tracked by pg_subject_audit; drop its subject_audit triggers or call subject_audit.track()"),
+        )
+    })
+}
+
+/// The metadata of `relation` if it is tracked (itself or through an ancestor).
+pub fn lookup(relation: pg_sys::Relation) -> Option<Rc<TableMeta>> {
     let relid = unsafe { (*relation).rd_id };
     if let Some(meta) = TABLES.with(|t| t.borrow().get(&relid).cloned()) {
-        return meta;
+        return Some(meta);
     }
     let seen = GENERATION.with(std::cell::Cell::get);
-    let meta = Rc::new(unsafe { build(relation) });
+    let meta = Rc::new(unsafe { build(relation) }?);
     // Under REPEATABLE READ the tracking settings were read in an old
     // snapshot: good for this transaction, not for the next one.
     let transaction_snapshot =
@@ -64,7 +76,7 @@ pub fn get(relation: pg_sys::Relation) -> Rc<TableMeta> {
     if !transaction_snapshot && GENERATION.with(std::cell::Cell::get) == seen {
         TABLES.with(|t| t.borrow_mut().insert(relid, meta.clone()));
     }
-    meta
+    Some(meta)
 }
 
 pub fn on_relation_invalidated(relid: pg_sys::Oid) {
@@ -80,7 +92,7 @@ pub fn on_relation_invalidated(relid: pg_sys::Oid) {
     });
 }
 
-unsafe fn build(relation: pg_sys::Relation) -> TableMeta {
+unsafe fn build(relation: pg_sys::Relation) -> Option<TableMeta> {
     let relid = (*relation).rd_id;
     // The table itself, else its nearest tracked ancestor; columns by name.
     let config = store::as_owner(|| {
@@ -113,12 +125,8 @@ unsafe fn build(relation: pg_sys::Relation) -> TableMeta {
             )))
         })
     });
-    let here = qualified_name(relation);
     let Ok(Some((tracked, name, subject_name, excluded_names))) = config else {
-        raise(
-            ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
-            format!("table {here} is not tracked by pg_subject_audit; drop its subject_audit triggers or call subject_audit.track()"),
-        );
+        return None;
     };
     let attnum_here = |column: &str| {
         let column = std::ffi::CString::new(column).unwrap_or_default();
@@ -175,14 +183,14 @@ unsafe fn build(relation: pg_sys::Relation) -> TableMeta {
             ),
         );
     };
-    TableMeta {
+    Some(TableMeta {
         name,
         tracked,
         subject,
         column_names: columns.iter().map(|c| c.name.clone()).collect(),
         columns,
         memory,
-    }
+    })
 }
 
 unsafe fn qualified_name(relation: pg_sys::Relation) -> String {

@@ -40,7 +40,13 @@ impl DecryptedEvent {
     pub fn description(&self) -> String {
         let note = self.payload.as_ref().and_then(|p| p.note.as_deref());
         let what = match (self.operation.as_str(), note) {
+            // A failed statement: the note is its error message.
+            (_, Some(note)) if self.status == "error" => format!("failed: {note}"),
             (_, Some(note)) => note.to_owned(),
+            (_, None) if self.status == "error" => "failed".into(),
+            ("READ", _) if self.table_name.is_some() && !self.changed_columns.is_empty() => {
+                format!("read {}", self.changed_columns.join(", "))
+            }
             ("INSERT", _) => format!("created {}", self.changed_columns.join(", ")),
             ("UPDATE", _) => format!("changed {}", self.changed_columns.join(", ")),
             ("DELETE", _) => format!("deleted {}", self.changed_columns.join(", ")),

@@ -39,19 +39,30 @@ fn client_addr() -> Option<String> {
     if let Some(a) = CLIENT_ADDR.with(|c| c.borrow().clone()) {
         return a;
     }
-    let addr = Spi::get_one::<String>("SELECT pg_catalog.host(pg_catalog.inet_client_addr())")
-        .ok()
-        .flatten();
+    // Read-only: must not give a reading transaction a transaction id.
+    let addr =
+        store::select_one::<String>("SELECT pg_catalog.host(pg_catalog.inet_client_addr())", &[])
+            .ok()
+            .flatten();
     CLIENT_ADDR.with(|c| *c.borrow_mut() = Some(addr.clone()));
     addr
 }
 
 impl StatementContext {
     pub fn current() -> Self {
+        StatementContext {
+            txid: unsafe { pg_sys::GetTopFullTransactionId() }.value,
+            ..Self::without_transaction()
+        }
+    }
+
+    /// Everything but the transaction id (0), which it does not assign: for
+    /// events written later by the background writer, in its transaction.
+    pub fn without_transaction() -> Self {
         let db_role = role_name(unsafe { pg_sys::GetUserId() });
         StatementContext {
             at: unsafe { pg_sys::GetCurrentStatementStartTimestamp() },
-            txid: unsafe { pg_sys::GetTopFullTransactionId() }.value,
+            txid: 0,
             actor: store::setting(c"subject_audit.actor").unwrap_or_else(|| db_role.clone()),
             session_role: role_name(unsafe { pg_sys::GetSessionUserId() }),
             db_role,

@@ -51,6 +51,8 @@ pub struct Draft {
 pub struct Header<'a> {
     pub operation: &'a str,
     pub status: &'a str,
+    /// The SQLSTATE of a failed operation (status `error`).
+    pub sqlstate: Option<&'a str>,
     pub title: Option<&'a str>,
     pub table_name: Option<&'a str>,
 }
@@ -145,6 +147,7 @@ unsafe fn record_unchecked(
     let no_subject_key = writer.as_ref().map(|w| w.sender.data_key(None));
     let mut column_sets: Vec<ColumnSet<'_>> = Vec::new();
     let mut event_ids = Vec::with_capacity(drafts.len());
+    let sqlstate = text(header.sqlstate);
 
     for (draft, nonce) in drafts.iter().zip(nonces.chunks_exact(NONCE_LEN)) {
         let event_id =
@@ -218,7 +221,7 @@ unsafe fn record_unchecked(
             txid: statement.txid,
             operation: header.operation,
             status: header.status,
-            sqlstate: None,
+            sqlstate: header.sqlstate,
             title: header.title,
             table_name: header.table_name,
             actor: &statement.actor,
@@ -240,7 +243,7 @@ unsafe fn record_unchecked(
             values[0] = Some(Datum::from(event_id));
             values[1..3].copy_from_slice(&shared[0..2]);
             values[3..5].copy_from_slice(&shared[2..4]);
-            // values[5]: sqlstate, set for error events only.
+            values[5] = sqlstate;
             values[6..13].copy_from_slice(&shared[4..11]);
             values[13] = columns_datum;
             values[14] = subject_key_id.map(Datum::from);

@@ -50,6 +50,7 @@ fn record_read(token: &str, title: &str, note: Option<&str>) -> i64 {
     let header = Header {
         operation: "READ",
         status: "ok",
+        sqlstate: None,
         title: Some(title),
         table_name: None,
     };
@@ -77,4 +78,21 @@ pub fn before_trail_read(token: &str) {
 fn bind_subject(token: Option<&str>) {
     let token = super::required(token, "token");
     keyring::bind(token);
+}
+
+/// The background writer's queue in this database, since the server
+/// started: entries waiting, written, and dropped (queue full or writer
+/// unavailable; each drop is also recorded as a DROPPED event).
+#[pg_extern(volatile, parallel_safe)]
+fn writer_status() -> TableIterator<'static, (name!(waiting, i64), name!(written, i64), name!(dropped, i64))> {
+    TableIterator::once(crate::deferred::status())
+}
+
+/// Waits until the background writer has recorded every read and failure
+/// this database queued so far (or `timeout_ms` passed: false). For tests
+/// and for applications that show a trail right after reading.
+#[pg_extern(volatile, parallel_unsafe)]
+fn wait_for_writer(timeout_ms: default!(Option<i32>, "5000")) -> bool {
+    let timeout_ms = super::required(timeout_ms, "timeout_ms").max(0) as u64;
+    crate::deferred::wait_until_written(std::time::Duration::from_millis(timeout_ms))
 }

@@ -53,6 +53,7 @@ pub fn record_for(operation: &str, title: &str, table_name: Option<&str>, subjec
     let header = Header {
         operation,
         status: "ok",
+        sqlstate: None,
         title: Some(title),
         table_name,
     };

@@ -23,7 +23,7 @@ use std::ffi::CStr;
 use pgrx::pg_sys;
 
 use super::{admin, tracking};
-use crate::{keyring, store};
+use crate::{keyring, observe, store};
 
 static mut PREVIOUS_PROCESS_UTILITY: pg_sys::ProcessUtility_hook_type = None;
 
@@ -114,6 +114,15 @@ unsafe extern "C-unwind" fn process_utility(
     } else {
         None
     };
+    // COPY FROM and TRUNCATE of a tracked table: if they fail, the failure
+    // is recorded (the executor hooks watch every other change).
+    let watched = !node.is_null()
+        && matches!(
+            (*node).type_,
+            pg_sys::NodeTag::T_CopyStmt | pg_sys::NodeTag::T_TruncateStmt
+        )
+        && pg_sys::IsTransactionState()
+        && observe::start_utility(node);
     match PREVIOUS_PROCESS_UTILITY {
         Some(previous) => pg_sys::ffi::pg_guard_ffi_boundary(|| {
             previous(
@@ -137,6 +146,9 @@ unsafe extern "C-unwind" fn process_utility(
             dest,
             completion,
         ),
+    }
+    if watched {
+        observe::finish_utility();
     }
     // Checked again: the statement may have been DROP EXTENSION.
     if !installed || !extension_installed() {
@@ -167,7 +179,7 @@ unsafe extern "C-unwind" fn process_utility(
         }
     }
     // Whatever the syntax, what counts is the state it leaves: every capture
-    // trigger present, calling capture_change(), firing ALWAYS.
+    // trigger present, calling its function, firing ALWAYS.
     // A trigger that already had a gap was reported when it got it: only
     // triggers that were healthy before count (so a restore creating the
     // triggers, on several connections at once, reports nothing).
@@ -211,9 +223,9 @@ unsafe fn may_switch_capture_off(node: *mut pg_sys::Node) -> bool {
 
 /// Capture triggers belong to `track()`: replacing one, or renaming one or
 /// to one of their names, is refused (a renamed trigger would escape every
-/// check by name); so is a trigger calling capture_change() under another
+/// check by name); so is a trigger calling capture_change() or note_change() under another
 /// name (it would record events twice) or one of ours calling anything else.
-/// A plain CREATE TRIGGER of ours calling capture_change() is what pg_restore
+/// A plain CREATE TRIGGER of ours calling its own function is what pg_restore
 /// sends: allowed.
 unsafe fn refuse_capture_trigger_ddl(node: *mut pg_sys::Node) {
     let refused = match (*node).type_ {
@@ -221,10 +233,18 @@ unsafe fn refuse_capture_trigger_ddl(node: *mut pg_sys::Node) {
             let stmt = node as *mut pg_sys::CreateTrigStmt;
             let name = text((*stmt).trigname);
             let function = pg_sys::LookupFuncName((*stmt).funcname, 0, std::ptr::null(), true);
-            let calls_capture = function != pg_sys::InvalidOid && function == capture_function();
-            let ours = tracking::is_capture_trigger(&name);
-            ((ours && ((*stmt).replace || !calls_capture)) || (calls_capture && !ours))
-                .then_some(name)
+            let calls_ours = function != pg_sys::InvalidOid
+                && tracking::TRIGGER_FUNCTIONS
+                    .iter()
+                    .any(|f| our_function(f) == function);
+            let refused = match tracking::trigger_function(&name) {
+                Some(expected) => {
+                    let expected = std::ffi::CString::new(expected).unwrap_or_default();
+                    (*stmt).replace || function != our_function(&expected)
+                }
+                None => calls_ours,
+            };
+            refused.then_some(name)
         }
         pg_sys::NodeTag::T_RenameStmt => {
             let stmt = node as *mut pg_sys::RenameStmt;
@@ -244,8 +264,8 @@ unsafe fn refuse_capture_trigger_ddl(node: *mut pg_sys::Node) {
     }
 }
 
-/// OID of `subject_audit.capture_change()`, looked up in our schema only.
-unsafe fn capture_function() -> pg_sys::Oid {
+/// OID of `subject_audit.<name>()`, looked up in our schema only.
+unsafe fn our_function(name: &CStr) -> pg_sys::Oid {
     let schema = pg_sys::get_namespace_oid(store::SCHEMA.as_ptr(), true);
     if schema == pg_sys::InvalidOid {
         return pg_sys::InvalidOid;
@@ -254,7 +274,7 @@ unsafe fn capture_function() -> pg_sys::Oid {
     pg_sys::GetSysCacheOid(
         pg_sys::SysCacheIdentifier::PROCNAMEARGSNSP as i32,
         pg_sys::Anum_pg_proc_oid as i16,
-        pg_sys::Datum::from(c"capture_change".as_ptr()),
+        pg_sys::Datum::from(name.as_ptr()),
         pg_sys::Datum::from(no_arguments),
         pg_sys::Datum::from(schema),
         pg_sys::Datum::from(0),

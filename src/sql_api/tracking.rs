@@ -5,25 +5,67 @@ use pgrx::PgSqlErrorCode::*;
 use pgrx::{spi, PgRelation};
 
 use super::{admin, ddl_trail};
-use crate::capture;
+use crate::{capture, deferred, observe};
 use crate::store::{self, error::raise, error::raise_with_hint};
 
-/// The capture triggers: name, and when they fire. Statement-level with
-/// transition tables; TRUNCATE has none, so it is read before it happens.
-const TRIGGERS: [(&str, &str); 4] = [
-    (
-        "subject_audit_capture_insert",
-        "AFTER INSERT ON {table} REFERENCING NEW TABLE AS subject_audit_new",
-    ),
-    (
-        "subject_audit_capture_update",
-        "AFTER UPDATE ON {table} REFERENCING OLD TABLE AS subject_audit_old NEW TABLE AS subject_audit_new",
-    ),
-    (
-        "subject_audit_capture_delete",
-        "AFTER DELETE ON {table} REFERENCING OLD TABLE AS subject_audit_old",
-    ),
-    ("subject_audit_capture_truncate", "BEFORE TRUNCATE ON {table}"),
+/// A trigger `track()` installs.
+struct TriggerSpec {
+    name: &'static str,
+    /// Timing and event, `{table}` standing for the table.
+    when: &'static str,
+    for_each: &'static str,
+    function: &'static str,
+    /// `pg_trigger.tgtype` of the trigger as created.
+    tgtype: i16,
+    /// Not on a partitioned table: a row trigger there would be cloned onto
+    /// its partitions, which get their own.
+    leaves_only: bool,
+}
+
+/// The capture triggers: statement-level with transition tables; TRUNCATE
+/// has none, so it is read before it happens. And the row trigger that
+/// notes whose rows a statement touches, for when it fails.
+const TRIGGERS: [TriggerSpec; 5] = [
+    TriggerSpec {
+        name: "subject_audit_capture_insert",
+        when: "AFTER INSERT ON {table} REFERENCING NEW TABLE AS subject_audit_new",
+        for_each: "STATEMENT",
+        function: "capture_change",
+        tgtype: 4,
+        leaves_only: false,
+    },
+    TriggerSpec {
+        name: "subject_audit_capture_update",
+        when: "AFTER UPDATE ON {table} REFERENCING OLD TABLE AS subject_audit_old NEW TABLE AS subject_audit_new",
+        for_each: "STATEMENT",
+        function: "capture_change",
+        tgtype: 16,
+        leaves_only: false,
+    },
+    TriggerSpec {
+        name: "subject_audit_capture_delete",
+        when: "AFTER DELETE ON {table} REFERENCING OLD TABLE AS subject_audit_old",
+        for_each: "STATEMENT",
+        function: "capture_change",
+        tgtype: 8,
+        leaves_only: false,
+    },
+    TriggerSpec {
+        name: "subject_audit_capture_truncate",
+        when: "BEFORE TRUNCATE ON {table}",
+        for_each: "STATEMENT",
+        function: "capture_change",
+        tgtype: 34,
+        leaves_only: false,
+    },
+    TriggerSpec {
+        name: "subject_audit_note",
+        when: "BEFORE INSERT OR UPDATE OR DELETE ON {table}",
+        for_each: "ROW",
+        function: "note_change",
+        tgtype: 31,
+        leaves_only: true,
+    },
 ];
 
 fn quoted_name(table: &PgRelation) -> String {
@@ -114,6 +156,9 @@ fn track(
         drop_triggers(table, &table_name);
         ddl_trail::own_ddl(|| create_triggers(&table_name));
         store::invalidate(table);
+    }
+    if !deferred::available() {
+        notice!("pg_subject_audit is not in shared_preload_libraries: changes are captured, but reads of this table and failed statements on it are not recorded");
     }
 }
 
@@ -235,32 +280,41 @@ pub(super) fn follow_partition(relid: pg_sys::Oid, attached: bool) {
 /// partition tree is walked in pg_inherits, not with pg_partition_tree, which
 /// locks every partition), so it can run around any DDL statement.
 pub(super) fn capture_gaps() -> Vec<CaptureGap> {
+    let expected = pgrx::JsonB(serde_json::Value::Array(
+        TRIGGERS
+            .iter()
+            .map(|t| {
+                serde_json::json!({"tgname": t.name, "tgtype": t.tgtype,
+                    "function": t.function, "leaves_only": t.leaves_only})
+            })
+            .collect(),
+    ));
     let gaps = store::as_owner(|| {
         store::select_one::<Vec<String>>(
             "WITH RECURSIVE tables(relid) AS ( \
                SELECT t.relid::pg_catalog.oid FROM subject_audit.tracked_table t \
                UNION SELECT i.inhrelid FROM pg_catalog.pg_inherits i JOIN tables ON i.inhparent OPERATOR(pg_catalog.=) tables.relid), \
-             capture(oid) AS (SELECT pg_catalog.to_regprocedure('subject_audit.capture_change()')::pg_catalog.oid), \
-             expected(tgname, tgtype) AS (VALUES ('subject_audit_capture_insert', 4), ('subject_audit_capture_update', 16), \
-               ('subject_audit_capture_delete', 8), ('subject_audit_capture_truncate', 34)) \
+             expected(tgname, tgtype, foid, leaves_only) AS (SELECT x.tgname, x.tgtype, \
+               pg_catalog.to_regprocedure(pg_catalog.format('subject_audit.%s()', x.function))::pg_catalog.oid, x.leaves_only \
+               FROM pg_catalog.jsonb_to_recordset($1) x(tgname pg_catalog.text, tgtype pg_catalog.int2, function pg_catalog.text, leaves_only pg_catalog.bool)) \
              SELECT pg_catalog.array_agg(pg_catalog.format('%s: %s|%s', tables.relid::pg_catalog.regclass::pg_catalog.text, e.tgname, \
                CASE WHEN g.oid IS NULL THEN 'missing' \
-                    WHEN g.tgfoid OPERATOR(pg_catalog.<>) capture.oid THEN 'calls another function' \
+                    WHEN g.tgfoid OPERATOR(pg_catalog.<>) e.foid THEN 'calls another function' \
                     WHEN g.tgtype OPERATOR(pg_catalog.<>) e.tgtype OR g.tgqual IS NOT NULL \
                       OR pg_catalog.cardinality(g.tgattr::pg_catalog.int2[]) OPERATOR(pg_catalog.>) 0 THEN 'narrowed' \
                     WHEN g.tgenabled OPERATOR(pg_catalog.=) 'D' THEN 'disabled' \
                     WHEN g.tgenabled OPERATOR(pg_catalog.=) 'R' THEN 'fires only in replica mode' \
                     ELSE 'fires only in origin mode' END) ORDER BY tables.relid, e.tgname) \
-             FROM tables CROSS JOIN expected e CROSS JOIN capture \
+             FROM tables JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) tables.relid CROSS JOIN expected e \
              LEFT JOIN pg_catalog.pg_trigger g ON g.tgrelid OPERATOR(pg_catalog.=) tables.relid \
                AND g.tgname OPERATOR(pg_catalog.=) e.tgname \
-             WHERE capture.oid IS NOT NULL \
-               AND EXISTS (SELECT FROM pg_catalog.pg_class c WHERE c.oid OPERATOR(pg_catalog.=) tables.relid) \
-               AND (g.oid IS NULL OR g.tgfoid OPERATOR(pg_catalog.<>) capture.oid \
+             WHERE e.foid IS NOT NULL \
+               AND NOT (e.leaves_only AND c.relkind OPERATOR(pg_catalog.=) 'p') \
+               AND (g.oid IS NULL OR g.tgfoid OPERATOR(pg_catalog.<>) e.foid \
                OR g.tgtype OPERATOR(pg_catalog.<>) e.tgtype OR g.tgqual IS NOT NULL \
                OR pg_catalog.cardinality(g.tgattr::pg_catalog.int2[]) OPERATOR(pg_catalog.>) 0 \
                OR g.tgenabled OPERATOR(pg_catalog.<>) 'A')",
-            &[],
+            &[expected.into()],
         )
     });
     gaps.unwrap_or_else(|e| {
@@ -291,8 +345,16 @@ pub(super) struct CaptureGap {
 
 /// Whether `name` is one of the capture triggers' names.
 pub(super) fn is_capture_trigger(name: &str) -> bool {
-    TRIGGERS.iter().any(|(trigger, _)| *trigger == name)
+    trigger_function(name).is_some()
 }
+
+/// The function one of our triggers must call, by the trigger's name.
+pub(super) fn trigger_function(name: &str) -> Option<&'static str> {
+    TRIGGERS.iter().find(|t| t.name == name).map(|t| t.function)
+}
+
+/// The functions our triggers call.
+pub(super) const TRIGGER_FUNCTIONS: [&std::ffi::CStr; 2] = [c"capture_change", c"note_change"];
 
 /// Tracked tables by OID, with their names while they still have them.
 pub(super) fn tracked_tables() -> Vec<(pg_sys::Oid, String)> {
@@ -388,12 +450,20 @@ pub(super) unsafe fn refuse_subject_column_drop(node: *mut pg_sys::Node) {
 /// `session_replication_role = replica` and in logical replication apply,
 /// so neither is a way around capture.
 fn create_triggers(name: &str) {
-    for (trigger, when) in TRIGGERS {
-        let when = when.replace("{table}", name);
+    let partitioned = Spi::get_one_with_args::<bool>(
+        "SELECT relkind OPERATOR(pg_catalog.=) 'p' FROM pg_catalog.pg_class \
+         WHERE oid OPERATOR(pg_catalog.=) $1::pg_catalog.regclass",
+        &[name.into()],
+    );
+    let partitioned = matches!(partitioned, Ok(Some(true)));
+    for spec in TRIGGERS.iter().filter(|t| !(partitioned && t.leaves_only)) {
+        let (trigger, function) = (spec.name, spec.function);
+        let when = spec.when.replace("{table}", name);
         Spi::run(&format!(
-            "CREATE TRIGGER {trigger} {when} FOR EACH STATEMENT \
-             EXECUTE FUNCTION subject_audit.capture_change(); \
-             ALTER TABLE {name} ENABLE ALWAYS TRIGGER {trigger}"
+            "CREATE TRIGGER {trigger} {when} FOR EACH {} \
+             EXECUTE FUNCTION subject_audit.{function}(); \
+             ALTER TABLE {name} ENABLE ALWAYS TRIGGER {trigger}",
+            spec.for_each
         ))
         .unwrap_or_else(|e| {
             raise(
@@ -410,7 +480,7 @@ fn drop_triggers(relid: pg_sys::Oid, name: &str) {
 }
 
 fn drop_each_trigger(relid: pg_sys::Oid, name: &str) {
-    for (trigger, _) in TRIGGERS {
+    for trigger in TRIGGERS.map(|t| t.name) {
         let exists = Spi::get_one_with_args::<bool>(
             "SELECT EXISTS (SELECT FROM pg_catalog.pg_trigger \
              WHERE tgrelid OPERATOR(pg_catalog.=) $1 AND tgname OPERATOR(pg_catalog.=) $2)",
@@ -435,4 +505,15 @@ fn capture_change<'a>(
 ) -> Result<Option<PgHeapTuple<'a, AllocatedByPostgres>>, std::convert::Infallible> {
     unsafe { capture::on_statement(trigger.trigger_data()) };
     Ok(None)
+}
+
+/// The row trigger `track()` installs: BEFORE INSERT, UPDATE or DELETE, FOR
+/// EACH ROW. It changes nothing; it notes whose row the statement touches,
+/// so a failing statement's subjects are known (docs/reads-and-failures.md).
+#[pg_trigger]
+fn note_change<'a>(
+    trigger: &'a PgTrigger<'a>,
+) -> Result<Option<PgHeapTuple<'a, AllocatedByPostgres>>, std::convert::Infallible> {
+    unsafe { observe::note_row(trigger.trigger_data()) };
+    Ok(trigger.new().or_else(|| trigger.old()))
 }

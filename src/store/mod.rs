@@ -169,12 +169,41 @@ pub fn as_owner<R>(f: impl FnOnce() -> R) -> R {
             false,
         );
     }
-    let result = f();
+    let result = {
+        let _own = OwnQueries::enter();
+        f()
+    };
     unsafe {
         pg_sys::AtEOXact_GUC(true, nest_level);
         pg_sys::SetUserIdAndSecContext(saved_user, saved_context);
     }
     result
+}
+
+thread_local! {
+    static OWN_QUERIES: Cell<u32> = const { Cell::new(0) };
+}
+
+/// Marks the extension's own queries while they run, however they end.
+struct OwnQueries;
+
+impl OwnQueries {
+    fn enter() -> Self {
+        OWN_QUERIES.with(|d| d.set(d.get() + 1));
+        OwnQueries
+    }
+}
+
+impl Drop for OwnQueries {
+    fn drop(&mut self) {
+        OWN_QUERIES.with(|d| d.set(d.get().saturating_sub(1)));
+    }
+}
+
+/// Whether the statement running now is one of the extension's own (run
+/// through `as_owner`): its reads of tracked tables are not the user's.
+pub fn in_own_query() -> bool {
+    OWN_QUERIES.with(Cell::get) > 0
 }
 
 /// The live key (id and salt) of each subject in `digests` that has one,

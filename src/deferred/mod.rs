@@ -1,0 +1,85 @@
+//! Events written after their statement, by a background writer: reads of
+//! tracked tables and failed changes. Backends hand them over through a
+//! queue in shared memory (plaintext there, never on disk); the writer
+//! encrypts, hashes and inserts them like every other event, in its own
+//! transactions, so they survive the rollback of the statement they
+//! describe. Needs `shared_preload_libraries`.
+
+pub mod entry;
+mod queue;
+mod writer;
+
+pub use entry::Entry;
+
+use std::time::{Duration, Instant};
+
+use pgrx::pg_sys;
+
+/// How long a backend outside an abort waits for room in a full queue.
+const BACK_PRESSURE: Duration = Duration::from_secs(2);
+
+/// Sets up the queue and the launcher. Only while preloading.
+pub fn init() {
+    queue::init();
+    writer::register_launcher();
+}
+
+/// Whether this server has the queue (the library was preloaded).
+pub fn available() -> bool {
+    queue::available()
+}
+
+/// Hands `entry` to this database's writer; returns how many of its parts
+/// were dropped (counted, and recorded in the admin trail by the writer).
+/// With `may_wait`, a full queue is waited on for a while first; an aborting
+/// transaction must not wait.
+pub fn hand_over(entry: &Entry, may_wait: bool) -> usize {
+    let database = unsafe { pg_sys::MyDatabaseId };
+    let (parts, left_out) = entry.split(queue::SLOT_BYTES);
+    queue::count_dropped(database, left_out);
+    let mut pending = &parts[..];
+    let started = Instant::now();
+    loop {
+        pending = &pending[queue::push(database, pending)..];
+        if pending.is_empty() || !may_wait || started.elapsed() >= BACK_PRESSURE {
+            break;
+        }
+        sleep_briefly();
+    }
+    queue::count_dropped(database, pending.len());
+    left_out + pending.len()
+}
+
+/// Waits until the writer has taken care of every entry of this database
+/// queued so far (written or dropped), up to `timeout`; false if it had not.
+pub fn wait_until_written(timeout: Duration) -> bool {
+    let started = Instant::now();
+    loop {
+        if status().0 == 0 {
+            return true;
+        }
+        if started.elapsed() >= timeout {
+            return false;
+        }
+        sleep_briefly();
+    }
+}
+
+/// Ten milliseconds, or less if the latch is set; interruptible.
+fn sleep_briefly() {
+    unsafe {
+        pg_sys::WaitLatch(
+            pg_sys::MyLatch,
+            (pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
+            10,
+            pg_sys::PG_WAIT_EXTENSION,
+        );
+        pg_sys::ResetLatch(pg_sys::MyLatch);
+        pg_sys::check_for_interrupts!();
+    }
+}
+
+/// (waiting, written, dropped) for this database since the server started.
+pub fn status() -> (i64, i64, i64) {
+    queue::status(unsafe { pg_sys::MyDatabaseId })
+}

@@ -1,0 +1,248 @@
+//! The background writers. A launcher (one, started with the server, no
+//! database) starts a writer for each database that has entries waiting;
+//! the writer records them in its own transactions, under the same keys and
+//! ledger as every other event, and leaves when the queue stays empty (so it
+//! never holds up DROP DATABASE for long).
+
+use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use pgrx::bgworkers::{
+    BackgroundWorker, BackgroundWorkerBuilder, BackgroundWorkerStatus, BgWorkerStartTime,
+    DynamicBackgroundWorker, SignalWakeFlags,
+};
+use pgrx::prelude::*;
+use pgrx::PgTryBuilder;
+use zeroize::Zeroizing;
+
+use super::entry::Entry;
+use super::queue;
+use crate::envelope::PayloadWriter;
+use crate::keyring;
+use crate::recorder::{self, Draft, Header, StatementContext, Subject};
+use crate::store;
+
+/// Entries recorded per transaction.
+const BATCH: usize = 256;
+/// A writer with nothing to do for this long leaves.
+const IDLE_EXIT: Duration = Duration::from_secs(2);
+
+/// Registers the launcher. Only while preloading.
+pub fn register_launcher() {
+    BackgroundWorkerBuilder::new("pg_subject_audit launcher")
+        .set_type("pg_subject_audit launcher")
+        .set_library("pg_subject_audit")
+        .set_function("pg_subject_audit_launcher_main")
+        .enable_shmem_access(None)
+        // A standby cannot write: its reads are not queued (docs/reads-and-failures.md).
+        .set_start_time(BgWorkerStartTime::RecoveryFinished)
+        .set_restart_time(Some(Duration::from_secs(5)))
+        .load();
+}
+
+#[pg_guard]
+#[no_mangle]
+pub extern "C-unwind" fn pg_subject_audit_launcher_main(_arg: pg_sys::Datum) {
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    queue::attach_launcher();
+    let mut writers: HashMap<pg_sys::Oid, DynamicBackgroundWorker> = HashMap::new();
+    while BackgroundWorker::wait_latch(Some(Duration::from_secs(1))) {
+        for database in queue::databases_waiting() {
+            // One still starting (or running, about to attach) is waited for.
+            let starting = writers.get(&database).is_some_and(|w| {
+                matches!(w.pid(), Ok(_) | Err(BackgroundWorkerStatus::NotYetStarted))
+            });
+            if starting || !queue::count_launch(database) {
+                continue;
+            }
+            match BackgroundWorkerBuilder::new("pg_subject_audit writer")
+                .set_type("pg_subject_audit writer")
+                .set_library("pg_subject_audit")
+                .set_function("pg_subject_audit_writer_main")
+                .set_argument(Some(pg_sys::Datum::from(database)))
+                .enable_spi_access()
+                .set_restart_time(None)
+                .load_dynamic()
+            {
+                Ok(worker) => {
+                    writers.insert(database, worker);
+                }
+                Err(_) => log!("pg_subject_audit launcher: no free worker slot for a writer (max_worker_processes); retrying"),
+            }
+        }
+    }
+}
+
+#[pg_guard]
+#[no_mangle]
+pub extern "C-unwind" fn pg_subject_audit_writer_main(arg: pg_sys::Datum) {
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    let database = pg_sys::Oid::from(arg.value() as u32);
+    BackgroundWorker::connect_worker_to_spi_by_oid(Some(database), None);
+    if !queue::attach_writer(database) {
+        return;
+    }
+    let mut idle_since = Instant::now();
+    loop {
+        let taken = queue::take(database, BATCH);
+        if !taken.is_empty() {
+            write(database, taken);
+            report_drops(database);
+            idle_since = Instant::now();
+            continue;
+        }
+        if idle_since.elapsed() >= IDLE_EXIT && queue::detach_writer_if_idle(database) {
+            return;
+        }
+        if !BackgroundWorker::wait_latch(Some(Duration::from_millis(200))) {
+            break;
+        }
+    }
+    queue::detach_writer(database);
+}
+
+/// Records the taken entries in one transaction; if that fails, one by one,
+/// so a bad entry costs only itself (dropped and counted, never retried).
+fn write(database: pg_sys::Oid, taken: Vec<(usize, Vec<u8>)>) {
+    let (slots, bytes): (Vec<usize>, Vec<Vec<u8>>) = taken.into_iter().unzip();
+    if in_transaction(|| bytes.iter().for_each(|b| record(b))) {
+        queue::release(database, &slots, true);
+        return;
+    }
+    for (slot, b) in slots.iter().zip(&bytes) {
+        let written = in_transaction(|| record(b));
+        queue::release(database, &[*slot], written);
+    }
+}
+
+/// Records in the admin trail how many events were dropped since the last report.
+fn report_drops(database: pg_sys::Oid) {
+    let dropped = queue::unreported_drops(database);
+    if dropped == 0 {
+        return;
+    }
+    let title = format!(
+        "{dropped} reads or failed statements not recorded: the queue was full or their writer could not start"
+    );
+    let recorded = in_transaction(|| {
+        let header = Header {
+            operation: "DROPPED",
+            status: "error",
+            sqlstate: None,
+            title: Some(&title),
+            table_name: None,
+        };
+        let draft = Draft {
+            subject: Subject::Nobody,
+            columns: None,
+            payload: None,
+        };
+        recorder::record(&header, &context(&Entry::default()), &[draft]);
+    });
+    if recorded {
+        queue::mark_reported(database, dropped);
+    }
+}
+
+/// Runs `f` in a transaction of its own; false (logged, rolled back) if it failed.
+fn in_transaction(f: impl FnOnce()) -> bool {
+    PgTryBuilder::new(AssertUnwindSafe(move || unsafe {
+        pg_sys::SetCurrentStatementStartTimestamp();
+        pg_sys::StartTransactionCommand();
+        pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
+        let installed = store::select_one::<bool>(
+            "SELECT EXISTS (SELECT FROM pg_catalog.pg_extension WHERE extname OPERATOR(pg_catalog.=) 'pg_subject_audit')",
+            &[],
+        );
+        let installed = matches!(installed, Ok(Some(true)));
+        if installed {
+            f();
+        }
+        pg_sys::PopActiveSnapshot();
+        pg_sys::CommitTransactionCommand();
+        installed
+    }))
+    .catch_others(|e| {
+        if let pg_sys::panic::CaughtError::PostgresError(report) = &e {
+            log!(
+                "pg_subject_audit writer: could not record deferred events: {}",
+                report.message()
+            );
+        }
+        unsafe { pg_sys::AbortCurrentTransaction() };
+        false
+    })
+    .execute()
+}
+
+/// Who and when, as the statement's backend saw it; the transaction is the writer's.
+fn context(entry: &Entry) -> StatementContext {
+    let worker = || "pg_subject_audit writer".to_owned();
+    StatementContext {
+        at: if entry.at == 0 {
+            unsafe { pg_sys::GetCurrentTimestamp() }
+        } else {
+            entry.at
+        },
+        txid: unsafe { pg_sys::GetTopFullTransactionId() }.value,
+        actor: Some(entry.actor.clone())
+            .filter(|a| !a.is_empty())
+            .unwrap_or_else(worker),
+        db_role: Some(entry.db_role.clone())
+            .filter(|a| !a.is_empty())
+            .unwrap_or_else(worker),
+        session_role: Some(entry.session_role.clone())
+            .filter(|a| !a.is_empty())
+            .unwrap_or_else(worker),
+        application_name: entry.application_name.clone(),
+        client_addr: entry.client_addr.clone(),
+        reason: entry.reason.clone(),
+    }
+}
+
+/// One entry's events: one per subject, or one of nobody's.
+fn record(bytes: &[u8]) {
+    let entry = match Entry::decode(bytes) {
+        Ok(entry) => entry,
+        Err(e) => {
+            store::error::raise(
+                pgrx::PgSqlErrorCode::ERRCODE_DATA_CORRUPTED,
+                format!("undecodable deferred entry: {e:?}"),
+            );
+        }
+    };
+    let header = Header {
+        operation: &entry.operation,
+        status: if entry.failed { "error" } else { "ok" },
+        sqlstate: entry.sqlstate.as_deref(),
+        title: Some(&entry.title),
+        table_name: Some(&entry.table_name),
+    };
+    let columns: Option<Rc<[String]>> =
+        (!entry.columns.is_empty()).then(|| entry.columns.clone().into());
+    let payload = || {
+        Some(Zeroizing::new(
+            PayloadWriter::with_note(entry.reason.as_deref(), entry.message.as_deref()).finish(),
+        ))
+    };
+    let drafts: Vec<Draft> = if entry.subjects.is_empty() {
+        vec![Draft {
+            subject: Subject::Nobody,
+            columns: columns.clone(),
+            payload: payload(),
+        }]
+    } else {
+        entry
+            .subjects
+            .iter()
+            .map(|token| Draft {
+                subject: Subject::Digest(keyring::subject_digest(token)),
+                columns: columns.clone(),
+                payload: payload(),
+            })
+            .collect()
+    };
+    recorder::record(&header, &context(&entry), &drafts);
+}

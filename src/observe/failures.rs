@@ -1,0 +1,261 @@
+//! Failed changes. While a statement changes a tracked table, the row
+//! trigger `subject_audit_note` (BEFORE, FOR EACH ROW) notes each touched
+//! row's subject in the statement's frame: before constraints, unique
+//! indexes and AFTER triggers run, so the row that fails is noted too. If the
+//! statement fails, the error's SQLSTATE, message and detail (caught by
+//! `emit_log_hook` as the error is reported) go with them to the writer,
+//! which encrypts the message like any payload: it can hold personal values.
+//! A statement that succeeds drops its notes in ExecutorEnd.
+
+use std::ffi::CStr;
+
+use pgrx::pg_sys;
+
+use super::{Frame, Kind, FRAMES};
+use crate::capture;
+use crate::deferred::Entry;
+use crate::recorder::StatementContext;
+
+/// Subject values noted per statement; more rows are counted, not itemized.
+const MAX_SUBJECTS: usize = 10_000;
+/// Error text kept per statement (the writer encrypts it).
+const MAX_MESSAGE: usize = 2_000;
+
+static mut PREVIOUS_EMIT_LOG: pg_sys::emit_log_hook_type = None;
+
+pub fn init() {
+    unsafe {
+        PREVIOUS_EMIT_LOG = pg_sys::emit_log_hook;
+        pg_sys::emit_log_hook = Some(emit_log);
+    }
+}
+
+/// A statement changing tracked tables, while it runs.
+pub struct Change {
+    operation: &'static str,
+    /// The tracked tables it changes (a partition under its tracked ancestor).
+    tables: Vec<String>,
+    subjects: Vec<Vec<u8>>,
+    not_itemized: u64,
+    /// SQLSTATE and text of the error that ended it, when it was reported.
+    error: Option<(String, String)>,
+}
+
+impl Change {
+    fn new(operation: &'static str, tables: Vec<String>) -> Option<Change> {
+        (!tables.is_empty()).then_some(Change {
+            operation,
+            tables,
+            subjects: Vec::new(),
+            not_itemized: 0,
+            error: None,
+        })
+    }
+
+    /// The failure's event entry: one event per distinct subject noted, or
+    /// one of nobody's when no row was touched (e.g. permission denied).
+    pub fn entry(self, who: &StatementContext) -> Entry {
+        let mut subjects = self.subjects;
+        subjects.sort_unstable();
+        subjects.dedup();
+        let table_name = self.tables.join(", ");
+        let mut title = format!("{} {table_name} failed", self.operation.to_lowercase());
+        if self.not_itemized > 0 {
+            title.push_str(&format!(" ({} more rows, not itemized)", self.not_itemized));
+        }
+        let (sqlstate, message) = match self.error {
+            Some((sqlstate, message)) => (Some(sqlstate), message),
+            // Caught by an exception handler (PL/pgSQL), so never reported.
+            None => (None, "the error was handled by the caller; its message is not available".to_owned()),
+        };
+        Entry {
+            failed: true,
+            operation: self.operation.to_owned(),
+            title,
+            table_name,
+            sqlstate,
+            message: Some(message),
+            subjects,
+            ..super::entry_for(who)
+        }
+    }
+}
+
+/// What an INSERT, UPDATE, DELETE or MERGE changes of tracked tables.
+///
+/// # Safety
+/// `stmt` must be the plan the executor is starting.
+pub unsafe fn plan(stmt: *mut pg_sys::PlannedStmt, command: pg_sys::CmdType::Type) -> Option<Change> {
+    let operation = match command {
+        pg_sys::CmdType::CMD_INSERT => "INSERT",
+        pg_sys::CmdType::CMD_UPDATE => "UPDATE",
+        pg_sys::CmdType::CMD_DELETE => "DELETE",
+        pg_sys::CmdType::CMD_MERGE => "MERGE",
+        _ => return None,
+    };
+    let result_relations = (*stmt).resultRelations;
+    if result_relations.is_null() {
+        return None;
+    }
+    let mut tables = Vec::new();
+    for i in 0..(*result_relations).length as usize {
+        let index = (*(*result_relations).elements.add(i)).int_value;
+        let rte = pg_sys::list_nth((*stmt).rtable, index - 1) as *mut pg_sys::RangeTblEntry;
+        add_table(&mut tables, (*rte).relid);
+    }
+    Change::new(operation, tables)
+}
+
+/// What a COPY FROM or TRUNCATE changes of tracked tables.
+///
+/// # Safety
+/// `node` must be a valid parse tree node.
+pub unsafe fn plan_utility(node: *mut pg_sys::Node) -> Option<Change> {
+    let mut tables = Vec::new();
+    let operation = match (*node).type_ {
+        pg_sys::NodeTag::T_CopyStmt => {
+            let copy = node as *mut pg_sys::CopyStmt;
+            if !(*copy).is_from || (*copy).relation.is_null() {
+                return None;
+            }
+            add_table(&mut tables, relation_id((*copy).relation));
+            "INSERT"
+        }
+        pg_sys::NodeTag::T_TruncateStmt => {
+            for relation in super::list_items((*(node as *mut pg_sys::TruncateStmt)).relations) {
+                add_table(&mut tables, relation_id(relation.cast()));
+            }
+            "TRUNCATE"
+        }
+        _ => return None,
+    };
+    Change::new(operation, tables)
+}
+
+unsafe fn relation_id(relation: *mut pg_sys::RangeVar) -> pg_sys::Oid {
+    pg_sys::RangeVarGetRelidExtended(
+        relation,
+        pg_sys::NoLock as i32,
+        pg_sys::RVROption::RVR_MISSING_OK,
+        None,
+        std::ptr::null_mut(),
+    )
+}
+
+unsafe fn add_table(tables: &mut Vec<String>, relid: pg_sys::Oid) {
+    if relid == pg_sys::InvalidOid {
+        return;
+    }
+    if let Some(meta) = capture::tracked_table(relid) {
+        if !tables.contains(&meta.name) {
+            tables.push(meta.name.clone());
+        }
+    }
+}
+
+/// The body of `subject_audit.note_change()`: notes the subject of the row
+/// the innermost watched statement is about to change (both, when an
+/// UPDATE moves the row to another subject).
+///
+/// # Safety
+/// `trigger` must be the `TriggerData` PostgreSQL passed to the trigger function.
+pub unsafe fn note_row(trigger: &pg_sys::TriggerData) {
+    let watched = FRAMES.with(|f| {
+        matches!(
+            f.borrow().last(),
+            Some(Frame {
+                kind: Kind::Change(_),
+                ..
+            })
+        )
+    });
+    if !watched {
+        return;
+    }
+    let relation = trigger.tg_relation;
+    let meta = capture::meta_of(relation);
+    let tupdesc = (*relation).rd_att;
+    let attnum = meta.subject.index as i32 + 1;
+    let mut noted: Vec<Vec<u8>> = Vec::with_capacity(2);
+    for tuple in [trigger.tg_trigtuple, trigger.tg_newtuple] {
+        if tuple.is_null() {
+            continue;
+        }
+        let mut isnull = false;
+        let datum = pg_sys::heap_getattr(tuple, attnum, tupdesc, &mut isnull);
+        if isnull {
+            continue;
+        }
+        let text = pg_sys::OutputFunctionCall(
+            meta.subject.output.as_ref() as *const _ as *mut _,
+            datum,
+        );
+        let value = CStr::from_ptr(text).to_bytes().to_vec();
+        pg_sys::pfree(text.cast());
+        if !noted.contains(&value) {
+            noted.push(value);
+        }
+    }
+    FRAMES.with(|f| {
+        if let Some(Frame {
+            kind: Kind::Change(change),
+            ..
+        }) = f.borrow_mut().last_mut()
+        {
+            for value in noted {
+                if change.subjects.len() < MAX_SUBJECTS {
+                    change.subjects.push(value);
+                } else {
+                    change.not_itemized += 1;
+                }
+            }
+        }
+    });
+}
+
+/// Takes the first error reported while watched changes run: it is what
+/// failed them. Must not raise (it runs inside error reporting).
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn emit_log(edata: *mut pg_sys::ErrorData) {
+    if !edata.is_null() && (*edata).elevel >= pgrx::PgLogLevel::ERROR as i32 {
+        FRAMES.with(|f| {
+            let Ok(mut frames) = f.try_borrow_mut() else {
+                return;
+            };
+            let mut failed = frames.iter_mut().filter_map(|frame| match &mut frame.kind {
+                Kind::Change(change) if change.error.is_none() => Some(change),
+                _ => None,
+            });
+            let Some(first) = failed.next() else { return };
+            let error = describe(edata);
+            for change in failed {
+                change.error = Some(error.clone());
+            }
+            first.error = Some(error);
+        });
+    }
+    if let Some(previous) = PREVIOUS_EMIT_LOG {
+        previous(edata);
+    }
+}
+
+/// SQLSTATE, and message with detail, cut to `MAX_MESSAGE` bytes.
+unsafe fn describe(edata: *mut pg_sys::ErrorData) -> (String, String) {
+    let text = |p: *const std::ffi::c_char| {
+        (!p.is_null()).then(|| CStr::from_ptr(p).to_string_lossy().into_owned())
+    };
+    let sqlstate = text(pg_sys::unpack_sql_state((*edata).sqlerrcode)).unwrap_or_default();
+    let mut message = text((*edata).message).unwrap_or_default();
+    if let Some(detail) = text((*edata).detail) {
+        message.push_str("\nDETAIL: ");
+        message.push_str(&detail);
+    }
+    if message.len() > MAX_MESSAGE {
+        let mut cut = MAX_MESSAGE;
+        while !message.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        message.truncate(cut);
+    }
+    (sqlstate, message)
+}
