@@ -46,8 +46,9 @@ start_cluster() {
     runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w start >/dev/null
 }
 
+# restart_cluster DIR [SERVER_OPTIONS]: the options last until the next restart.
 restart_cluster() {
-    runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$1/data" -l "$1/server.log" -w restart >/dev/null
+    runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$1/data" -l "$1/server.log" -w restart -o "${2:-}" >/dev/null
 }
 
 # Immediate shutdown (as after a crash: no checkpoint), then start with recovery.

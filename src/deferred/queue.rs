@@ -28,6 +28,8 @@ struct Slot {
     state: u32,
     database: pg_sys::Oid,
     len: u32,
+    /// Order of arrival: a database's entries are written in this order.
+    sequence: u64,
     data: [u8; SLOT_BYTES],
 }
 
@@ -46,6 +48,7 @@ struct Database {
 #[repr(C)]
 struct Shared {
     launcher: *mut pg_sys::PGPROC,
+    next_sequence: u64,
     /// Drops of databases without a slot of their own.
     dropped_elsewhere: u64,
     databases: [Database; DATABASES],
@@ -154,6 +157,8 @@ pub fn push(database: pg_sys::Oid, entries: &[Vec<u8>]) -> usize {
             slot.len = entry.len() as u32;
             slot.database = database;
             slot.state = FILLED;
+            slot.sequence = shared.next_sequence;
+            shared.next_sequence += 1;
             stored += 1;
         }
         let writer = shared.database(database).map_or(null_mut(), |d| d.writer);
@@ -270,20 +275,26 @@ pub fn detach_writer(database: pg_sys::Oid) {
     });
 }
 
-/// Takes up to `max` waiting entries of `database`: (slot, bytes).
+/// Takes up to `max` waiting entries of `database`, oldest first: (slot, bytes).
 pub fn take(database: pg_sys::Oid, max: usize) -> Vec<(usize, Vec<u8>)> {
     locked(|shared| {
-        let mut taken = Vec::new();
-        for (i, slot) in shared.slots.iter_mut().enumerate() {
-            if taken.len() == max {
-                break;
-            }
-            if slot.database == database && slot.state == FILLED {
+        let mut waiting: Vec<(u64, usize)> = shared
+            .slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.database == database && s.state == FILLED)
+            .map(|(i, s)| (s.sequence, i))
+            .collect();
+        waiting.sort_unstable();
+        waiting
+            .into_iter()
+            .take(max)
+            .map(|(_, i)| {
+                let slot = &mut shared.slots[i];
                 slot.state = TAKEN;
-                taken.push((i, slot.data[..slot.len as usize].to_vec()));
-            }
-        }
-        taken
+                (i, slot.data[..slot.len as usize].to_vec())
+            })
+            .collect()
     })
 }
 

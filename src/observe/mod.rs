@@ -44,6 +44,24 @@ static mut PREVIOUS_START: pg_sys::ExecutorStart_hook_type = None;
 static mut PREVIOUS_RUN: pg_sys::ExecutorRun_hook_type = None;
 static mut PREVIOUS_END: pg_sys::ExecutorEnd_hook_type = None;
 
+unsafe extern "C-unwind" {
+    // Not pgrx's bindings, which catch an error and raise it again without
+    // its CONTEXT, position and table or constraint fields: called raw, a
+    // statement's errors reach the client as PostgreSQL raised them. The
+    // hooks hold no value with a destructor across these calls.
+    #[link_name = "standard_ExecutorStart"]
+    fn standard_executor_start(query: *mut pg_sys::QueryDesc, eflags: i32);
+    #[link_name = "standard_ExecutorRun"]
+    fn standard_executor_run(
+        query: *mut pg_sys::QueryDesc,
+        direction: pg_sys::ScanDirection::Type,
+        count: u64,
+        execute_once: bool,
+    );
+    #[link_name = "standard_ExecutorEnd"]
+    fn standard_executor_end(query: *mut pg_sys::QueryDesc);
+}
+
 thread_local! {
     static FRAMES: RefCell<Vec<Frame>> = const { RefCell::new(Vec::new()) };
 }
@@ -151,7 +169,7 @@ unsafe extern "C-unwind" fn executor_start(query: *mut pg_sys::QueryDesc, eflags
     }
     match PREVIOUS_START {
         Some(previous) => previous(query, eflags),
-        None => pg_sys::standard_ExecutorStart(query, eflags),
+        None => standard_executor_start(query, eflags),
     }
 }
 
@@ -174,11 +192,10 @@ unsafe extern "C-unwind" fn executor_run(
     if let Some(reading) = reading {
         (*query).dest = reads::tap(reading, dest);
     }
-    let run = || match PREVIOUS_RUN {
+    match PREVIOUS_RUN {
         Some(previous) => previous(query, direction, count, execute_once),
-        None => pg_sys::standard_ExecutorRun(query, direction, count, execute_once),
-    };
-    run();
+        None => standard_executor_run(query, direction, count, execute_once),
+    }
     (*query).dest = dest;
 }
 
@@ -192,7 +209,7 @@ unsafe extern "C-unwind" fn executor_end(query: *mut pg_sys::QueryDesc) {
     }
     match PREVIOUS_END {
         Some(previous) => previous(query),
-        None => pg_sys::standard_ExecutorEnd(query),
+        None => standard_executor_end(query),
     }
 }
 

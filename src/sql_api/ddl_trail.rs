@@ -27,6 +27,23 @@ use crate::{keyring, observe, store};
 
 static mut PREVIOUS_PROCESS_UTILITY: pg_sys::ProcessUtility_hook_type = None;
 
+unsafe extern "C-unwind" {
+    // Not pgrx's binding, which catches an error and raises it again without
+    // its CONTEXT, position and table or constraint fields: called raw, the
+    // statement's errors reach the client as PostgreSQL raised them.
+    #[link_name = "standard_ProcessUtility"]
+    fn standard_process_utility(
+        statement: *mut pg_sys::PlannedStmt,
+        query: *const std::ffi::c_char,
+        read_only_tree: bool,
+        context: pg_sys::ProcessUtilityContext::Type,
+        params: pg_sys::ParamListInfo,
+        query_env: *mut pg_sys::QueryEnvironment,
+        dest: *mut pg_sys::DestReceiver,
+        completion: *mut pg_sys::QueryCompletion,
+    );
+}
+
 thread_local! {
     /// Set while `track()`/`untrack()` manage the triggers themselves: they
     /// leave their own TRACK/UNTRACK events.
@@ -123,20 +140,21 @@ unsafe extern "C-unwind" fn process_utility(
         )
         && pg_sys::IsTransactionState()
         && observe::start_utility(node);
+    // Held by pointer across the call: an error there jumps past this frame,
+    // which must hold no value whose destructor would be skipped (it leaks).
+    let before = Box::into_raw(Box::new((setting, tracked_before, gaps_before, partition)));
     match PREVIOUS_PROCESS_UTILITY {
-        Some(previous) => pg_sys::ffi::pg_guard_ffi_boundary(|| {
-            previous(
-                statement,
-                query,
-                read_only_tree,
-                context,
-                params,
-                query_env,
-                dest,
-                completion,
-            )
-        }),
-        None => pg_sys::standard_ProcessUtility(
+        Some(previous) => previous(
+            statement,
+            query,
+            read_only_tree,
+            context,
+            params,
+            query_env,
+            dest,
+            completion,
+        ),
+        None => standard_process_utility(
             statement,
             query,
             read_only_tree,
@@ -147,6 +165,7 @@ unsafe extern "C-unwind" fn process_utility(
             completion,
         ),
     }
+    let (setting, tracked_before, gaps_before, partition) = *Box::from_raw(before);
     if watched {
         observe::finish_utility();
     }

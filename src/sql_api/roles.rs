@@ -29,6 +29,7 @@ const READER: &[&str] = &[
     "EXECUTE ON FUNCTION subject_audit.audit_event(text, bigint)",
     "EXECUTE ON FUNCTION subject_audit.export_subject(text)",
     "EXECUTE ON FUNCTION subject_audit.record_access(text, text, text)",
+    "EXECUTE ON FUNCTION subject_audit.wait_for_writer(integer)",
 ];
 
 /// Integrity checks and reporting on metadata: no key, no personal values.
@@ -36,6 +37,8 @@ const AUDITOR: &[&str] = &[
     USAGE,
     "EXECUTE ON FUNCTION subject_audit.verify(text)",
     "EXECUTE ON FUNCTION subject_audit.checkpoint()",
+    "EXECUTE ON FUNCTION subject_audit.writer_status()",
+    "EXECUTE ON FUNCTION subject_audit.wait_for_writer(integer)",
     "SELECT ON subject_audit.events, subject_audit.activity, subject_audit.tracked",
 ];
 
@@ -48,10 +51,13 @@ const ADMIN: &[&str] = &[
     "EXECUTE ON FUNCTION subject_audit.track(regclass, text, text[])",
     "EXECUTE ON FUNCTION subject_audit.untrack(regclass)",
     "EXECUTE ON FUNCTION subject_audit.capture_change()",
+    "EXECUTE ON FUNCTION subject_audit.note_change()",
     "EXECUTE ON FUNCTION subject_audit.forget_subject(text)",
     "EXECUTE ON FUNCTION subject_audit.seal()",
     "EXECUTE ON FUNCTION subject_audit.verify(text)",
     "EXECUTE ON FUNCTION subject_audit.checkpoint()",
+    "EXECUTE ON FUNCTION subject_audit.writer_status()",
+    "EXECUTE ON FUNCTION subject_audit.wait_for_writer(integer)",
     "SELECT ON subject_audit.events, subject_audit.activity, subject_audit.tracked",
 ];
 
