@@ -127,6 +127,7 @@ def main():
 
     os.makedirs(a.out, exist_ok=True)
     json.dump({"meta": meta, "summary": summary, "ratios": ratios, "e_read": e_summary,
+               "reads_and_failures": summarize(records, ["j_point_select", "k_failure_capture"]),
                "f_bytes_per_event": f_recs, "raw": records},
               open(os.path.join(a.out, "latest.json"), "w"), indent=1)
 
@@ -228,6 +229,29 @@ def main():
                     "export": "`export_subject()` of one subject with this many events (first call after `unlock()`)"}.get(
                 r.get("what"), f"new session: `unlock()` + first `audit_for_subject()` with {r.get('keys')} keys installed")
             w(f"| {what} | {r['events']:,} | {fmt(r['value'], 'ms')} |")
+        w("")
+    jk = summarize(records, ["j_point_select", "k_failure_capture"])
+    jk_rows = [
+        ("j_point_select", "none", "(j) point SELECT by primary key returning the subject column",
+         {"none": "no auditing", "log_reads_subject": "ours, `log_reads = subject`",
+          "log_reads_statement": "ours, `log_reads = statement`", "log_reads_off": "ours, `log_reads = off`"}),
+        ("k_failure_capture", "no_note_trigger", "(k) single-row UPDATE, synchronous_commit=off: failure capture on the success path",
+         {"no_note_trigger": "ours without the row trigger that notes subjects", "log_failures_off": "ours, `log_failures = off`",
+          "log_failures_on": "ours, `log_failures = on` (default)"}),
+    ]
+    if any(jk[wl] for wl, *_ in jk_rows):
+        w("## (j) reads of tracked tables, (k) failure capture — TPS (higher is better)")
+        w("")
+        w("Medians of the rounds, interleaved in one run; ratio to the first row of each block.")
+        w("")
+        w("| workload | configuration | TPS | ratio |")
+        w("|---|---|---:|---:|")
+        for wl, ref, title, labels in jk_rows:
+            base = jk[wl].get(ref, {}).get("median")
+            for v, label in labels.items():
+                if v in jk[wl]:
+                    m = jk[wl][v]["median"]
+                    w(f"| {title} | {label} | {fmt(m, 'tps')} | {fmt_ratio(m / base if base else None)} |")
         w("")
     w("## (f) audit storage — bytes per event (lower is better)")
     w("")
