@@ -59,6 +59,8 @@ SELECT count(*) FROM customers;
 SELECT email FROM customers WHERE id = 2;
 -- Through an expression the origin of a column is lost: statement-level too.
 SELECT upper(token) FROM customers WHERE id = 3;
+-- COPY TO bypasses the executor (pg_dump reads this way): statement-level.
+COPY customers (id, token) TO STDOUT;
 \c - postgres
 SELECT subject_audit.wait_for_writer();
 SELECT * FROM new_events;

@@ -261,6 +261,7 @@ impl<'a> Reader<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_support::{fuzz, no_panic};
 
     fn sample() -> Entry {
         Entry {
@@ -307,7 +308,9 @@ mod tests {
     #[test]
     fn split_carries_every_subject_once_within_the_limit() {
         let mut entry = sample();
-        entry.subjects = (0..1000).map(|i| format!("subject-{i}").into_bytes()).collect();
+        entry.subjects = (0..1000)
+            .map(|i| format!("subject-{i}").into_bytes())
+            .collect();
         let (parts, left_out) = entry.split(1024);
         assert_eq!(left_out, 0);
         assert!(parts.len() > 1);
@@ -355,5 +358,30 @@ mod tests {
             .flat_map(|p| Entry::decode(p).expect("decodes").subjects)
             .collect();
         assert_eq!(decoded, vec![b"c-1".to_vec()]);
+    }
+
+    #[test]
+    fn fuzz_entry_split_and_decode() {
+        fuzz("entry_split_and_decode", 2_000, |rng| {
+            let mut entry = sample();
+            entry.message = Some("ü".repeat(rng.below(3000)));
+            entry.subjects = (0..rng.below(300))
+                .map(|_| {
+                    let len = rng.below(200);
+                    rng.bytes(len)
+                })
+                .collect();
+            let limit = rng.range(512, 8192);
+            let (parts, left_out) = no_panic(&limit, || entry.split(limit));
+            let mut seen = 0;
+            for part in &parts {
+                assert!(part.len() <= limit);
+                let mut mutated = part.clone();
+                rng.mutate(&mut mutated);
+                let _ = no_panic(&mutated, || Entry::decode(&mutated));
+                seen += Entry::decode(part).expect("decodes").subjects.len();
+            }
+            assert_eq!(seen + left_out, entry.subjects.len());
+        });
     }
 }

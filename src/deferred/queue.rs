@@ -89,8 +89,7 @@ unsafe extern "C-unwind" fn startup() {
     let init_lock = addr_of_mut!((*pg_sys::MainLWLockArray.add(21)).lock);
     pg_sys::LWLockAcquire(init_lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
     let mut found = false;
-    let shared =
-        pg_sys::ShmemInitStruct(NAME.as_ptr(), std::mem::size_of::<Shared>(), &mut found);
+    let shared = pg_sys::ShmemInitStruct(NAME.as_ptr(), std::mem::size_of::<Shared>(), &mut found);
     if !found {
         std::ptr::write_bytes(shared.cast::<u8>(), 0, std::mem::size_of::<Shared>());
     }
@@ -120,7 +119,11 @@ impl Shared {
             .databases
             .iter()
             .position(|d| d.oid == oid)
-            .or_else(|| self.databases.iter().position(|d| d.oid == pg_sys::InvalidOid))?;
+            .or_else(|| {
+                self.databases
+                    .iter()
+                    .position(|d| d.oid == pg_sys::InvalidOid)
+            })?;
         let d = &mut self.databases[i];
         d.oid = oid;
         Some(d)

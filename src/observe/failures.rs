@@ -66,7 +66,10 @@ impl Change {
         let (sqlstate, message) = match self.error {
             Some((sqlstate, message)) => (Some(sqlstate), message),
             // Caught by an exception handler (PL/pgSQL), so never reported.
-            None => (None, "the error was handled by the caller; its message is not available".to_owned()),
+            None => (
+                None,
+                "the error was handled by the caller; its message is not available".to_owned(),
+            ),
         };
         Entry {
             failed: true,
@@ -85,7 +88,10 @@ impl Change {
 ///
 /// # Safety
 /// `stmt` must be the plan the executor is starting.
-pub unsafe fn plan(stmt: *mut pg_sys::PlannedStmt, command: pg_sys::CmdType::Type) -> Option<Change> {
+pub unsafe fn plan(
+    stmt: *mut pg_sys::PlannedStmt,
+    command: pg_sys::CmdType::Type,
+) -> Option<Change> {
     let operation = match command {
         pg_sys::CmdType::CMD_INSERT => "INSERT",
         pg_sys::CmdType::CMD_UPDATE => "UPDATE",
@@ -186,10 +192,8 @@ pub unsafe fn note_row(trigger: &pg_sys::TriggerData) {
         if isnull {
             continue;
         }
-        let text = pg_sys::OutputFunctionCall(
-            meta.subject.output.as_ref() as *const _ as *mut _,
-            datum,
-        );
+        let text =
+            pg_sys::OutputFunctionCall(meta.subject.output.as_ref() as *const _ as *mut _, datum);
         let value = CStr::from_ptr(text).to_bytes().to_vec();
         pg_sys::pfree(text.cast());
         if !noted.contains(&value) {

@@ -181,12 +181,15 @@ unsafe extern "C-unwind" fn executor_run(
     execute_once: bool,
 ) {
     let reading = FRAMES.with(|f| {
-        f.borrow_mut().iter_mut().rev().find_map(|frame| match &mut frame.kind {
-            Kind::Read(reading) if frame.query == query => {
-                Some(&mut **reading as *mut reads::Reading)
-            }
-            _ => None,
-        })
+        f.borrow_mut()
+            .iter_mut()
+            .rev()
+            .find_map(|frame| match &mut frame.kind {
+                Kind::Read(reading) if frame.query == query => {
+                    Some(&mut **reading as *mut reads::Reading)
+                }
+                _ => None,
+            })
     });
     let dest = (*query).dest;
     if let Some(reading) = reading {
@@ -238,6 +241,32 @@ pub fn finish_utility() {
     pop(std::ptr::null_mut());
 }
 
+/// Records a finished `COPY table TO …` of a tracked table as a
+/// statement-level read (it bypasses the executor; `pg_dump` reads this way).
+///
+/// # Safety
+/// `node` must be a valid parse tree node, `completion` the statement's (or null).
+pub unsafe fn copied_out(node: *mut pg_sys::Node, completion: *mut pg_sys::QueryCompletion) {
+    if !watching()
+        || LOG_READS.get() == LogReads::Off
+        || (*node).type_ != pg_sys::NodeTag::T_CopyStmt
+    {
+        return;
+    }
+    let copy = node as *mut pg_sys::CopyStmt;
+    if (*copy).is_from || (*copy).relation.is_null() || !reads::recordable() {
+        return;
+    }
+    let rows = if completion.is_null() {
+        0
+    } else {
+        (*completion).nprocessed
+    };
+    if let Some(entry) = reads::copy_entry(copy, rows, &StatementContext::without_transaction()) {
+        hand_over(vec![entry], true);
+    }
+}
+
 /// Queues entries for the writer. `may_wait`: outside an abort, a full
 /// queue is waited on for a while (back-pressure) before anything is
 /// dropped; a drop is counted, recorded in the trail, and warned about.
@@ -281,7 +310,10 @@ fn abort_frames(level: i32) {
 }
 
 #[pg_guard]
-unsafe extern "C-unwind" fn on_transaction(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
+unsafe extern "C-unwind" fn on_transaction(
+    event: pg_sys::XactEvent::Type,
+    _arg: *mut std::ffi::c_void,
+) {
     match event {
         pg_sys::XactEvent::XACT_EVENT_ABORT => abort_frames(0),
         // Nothing is left at commit but what never reached ExecutorEnd.

@@ -114,12 +114,7 @@ unsafe fn selected_columns(relid: pg_sys::Oid, set: *mut pg_sys::Bitmapset) -> V
         }
         let attnum = member + pg_sys::FirstLowInvalidHeapAttributeNumber;
         if attnum == 0 {
-            let relation = pg_sys::RelationIdGetRelation(relid);
-            if !relation.is_null() {
-                let natts = (*(*relation).rd_att).natts;
-                pg_sys::RelationClose(relation);
-                names.extend((1..=natts).filter_map(|a| column_name(relid, a as i16)));
-            }
+            names.extend(all_columns(relid));
         } else if attnum > 0 {
             names.extend(column_name(relid, attnum as i16));
         }
@@ -134,6 +129,75 @@ unsafe fn column_name(relid: pg_sys::Oid, attnum: i16) -> Option<String> {
     }
     let name = pg_sys::get_attname(relid, attnum, true);
     (!name.is_null()).then(|| CStr::from_ptr(name).to_string_lossy().into_owned())
+}
+
+/// The statement-level read event of a `COPY table TO`, if the table is tracked.
+///
+/// # Safety
+/// `copy` must be a valid `CopyStmt` with a relation.
+pub unsafe fn copy_entry(
+    copy: *mut pg_sys::CopyStmt,
+    rows: u64,
+    who: &StatementContext,
+) -> Option<Entry> {
+    let relid = pg_sys::RangeVarGetRelidExtended(
+        (*copy).relation,
+        pg_sys::NoLock as i32,
+        pg_sys::RVROption::RVR_MISSING_OK,
+        None,
+        std::ptr::null_mut(),
+    );
+    if relid == pg_sys::InvalidOid {
+        return None;
+    }
+    let meta = capture::tracked_table(relid)?;
+    let named: Vec<String> = super::list_items((*copy).attlist)
+        .into_iter()
+        .map(|n| {
+            CStr::from_ptr((*n.cast::<pg_sys::String>()).sval)
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect();
+    let columns = if named.is_empty() {
+        all_columns(relid)
+    } else {
+        named
+    };
+    Some(Entry {
+        operation: "READ".into(),
+        title: format!("copy {}: {}", meta.name, row_count(rows)),
+        table_name: meta.name.clone(),
+        columns,
+        ..super::entry_for(who)
+    })
+}
+
+fn row_count(rows: u64) -> String {
+    match rows {
+        1 => "1 row".to_owned(),
+        n => format!("{n} rows"),
+    }
+}
+
+/// Every live column of `relid`, by name.
+unsafe fn all_columns(relid: pg_sys::Oid) -> Vec<String> {
+    let relation = pg_sys::RelationIdGetRelation(relid);
+    if relation.is_null() {
+        return Vec::new();
+    }
+    let desc = (*relation).rd_att;
+    let names = (0..(*desc).natts as usize)
+        .map(|i| &*(*desc).attrs.as_ptr().add(i))
+        .filter(|attr| !attr.attisdropped)
+        .map(|attr| {
+            CStr::from_ptr(attr.attname.data.as_ptr())
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect();
+    pg_sys::RelationClose(relation);
+    names
 }
 
 /// Whether reads can be recorded here. On a hot standby nothing can be
@@ -174,12 +238,8 @@ impl Reading {
             };
             let name = &table.meta.name;
             if table.subject_outputs.is_empty() {
-                let rows = match self.rows {
-                    1 => "1 row".to_owned(),
-                    n => format!("{n} rows"),
-                };
                 entries.push(entry(
-                    format!("select {name}: {rows}"),
+                    format!("select {name}: {}", row_count(self.rows)),
                     &table.selected,
                     Vec::new(),
                 ));
@@ -250,7 +310,10 @@ struct Tap {
 ///
 /// # Safety
 /// `reading` must outlive the run (frames are popped only in ExecutorEnd or abort).
-pub unsafe fn tap(reading: *mut Reading, inner: *mut pg_sys::DestReceiver) -> *mut pg_sys::DestReceiver {
+pub unsafe fn tap(
+    reading: *mut Reading,
+    inner: *mut pg_sys::DestReceiver,
+) -> *mut pg_sys::DestReceiver {
     let tap = pg_sys::palloc0(std::mem::size_of::<Tap>()) as *mut Tap;
     (*tap).base = pg_sys::DestReceiver {
         receiveSlot: Some(tap_receive),
@@ -271,7 +334,9 @@ unsafe extern "C-unwind" fn tap_receive(
 ) -> bool {
     let tap = receiver as *mut Tap;
     let inner = (*tap).inner;
-    let sent = (*inner).receiveSlot.is_none_or(|receive| receive(slot, inner));
+    let sent = (*inner)
+        .receiveSlot
+        .is_none_or(|receive| receive(slot, inner));
     (*(*tap).reading).note(slot);
     sent
 }

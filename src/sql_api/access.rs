@@ -84,7 +84,14 @@ fn bind_subject(token: Option<&str>) {
 /// started: entries waiting, written, and dropped (queue full or writer
 /// unavailable; each drop is also recorded as a DROPPED event).
 #[pg_extern(volatile, parallel_safe)]
-fn writer_status() -> TableIterator<'static, (name!(waiting, i64), name!(written, i64), name!(dropped, i64))> {
+fn writer_status() -> TableIterator<
+    'static,
+    (
+        name!(waiting, i64),
+        name!(written, i64),
+        name!(dropped, i64),
+    ),
+> {
     TableIterator::once(crate::deferred::status())
 }
 

@@ -169,6 +169,9 @@ unsafe extern "C-unwind" fn process_utility(
     if watched {
         observe::finish_utility();
     }
+    if !node.is_null() && (*node).type_ == pg_sys::NodeTag::T_CopyStmt {
+        observe::copied_out(node, completion);
+    }
     // Checked again: the statement may have been DROP EXTENSION.
     if !installed || !extension_installed() {
         return;

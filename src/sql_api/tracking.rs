@@ -5,8 +5,8 @@ use pgrx::PgSqlErrorCode::*;
 use pgrx::{spi, PgRelation};
 
 use super::{admin, ddl_trail};
-use crate::{capture, deferred, observe};
 use crate::store::{self, error::raise, error::raise_with_hint};
+use crate::{capture, deferred, observe};
 
 /// A trigger `track()` installs.
 struct TriggerSpec {
