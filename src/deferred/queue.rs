@@ -23,6 +23,8 @@ const FREE: u32 = 0;
 const FILLED: u32 = 1;
 const TAKEN: u32 = 2;
 
+/// A slot's state, kept apart from its bytes so that scans under the lock
+/// read a few cache lines, not megabytes.
 #[repr(C)]
 struct Slot {
     state: u32,
@@ -30,7 +32,6 @@ struct Slot {
     len: u32,
     /// Order of arrival: a database's entries are written in this order.
     sequence: u64,
-    data: [u8; SLOT_BYTES],
 }
 
 #[repr(C)]
@@ -53,6 +54,7 @@ struct Shared {
     dropped_elsewhere: u64,
     databases: [Database; DATABASES],
     slots: [Slot; SLOTS],
+    data: [[u8; SLOT_BYTES]; SLOTS],
 }
 
 static mut SHARED: *mut Shared = null_mut();
@@ -152,11 +154,16 @@ pub fn push(database: pg_sys::Oid, entries: &[Vec<u8>]) -> usize {
     }
     let (stored, wake_up) = locked(|shared| {
         let mut stored = 0;
-        for slot in shared.slots.iter_mut().filter(|s| s.state == FREE) {
+        for (slot, data) in shared
+            .slots
+            .iter_mut()
+            .zip(shared.data.iter_mut())
+            .filter(|(s, _)| s.state == FREE)
+        {
             let Some(entry) = entries.get(stored).filter(|e| e.len() <= SLOT_BYTES) else {
                 break;
             };
-            slot.data[..entry.len()].copy_from_slice(entry);
+            data[..entry.len()].copy_from_slice(entry);
             slot.len = entry.len() as u32;
             slot.database = database;
             slot.state = FILLED;
@@ -295,7 +302,7 @@ pub fn take(database: pg_sys::Oid, max: usize) -> Vec<(usize, Vec<u8>)> {
             .map(|(_, i)| {
                 let slot = &mut shared.slots[i];
                 slot.state = TAKEN;
-                (i, slot.data[..slot.len as usize].to_vec())
+                (i, shared.data[i][..slot.len as usize].to_vec())
             })
             .collect()
     })

@@ -21,7 +21,7 @@ use super::entry::Entry;
 use super::queue;
 use crate::envelope::PayloadWriter;
 use crate::keyring;
-use crate::recorder::{self, Draft, Header, StatementContext, Subject};
+use crate::recorder::{self, Draft, Group, Header, StatementContext, Subject};
 use crate::store;
 
 /// Entries recorded per transaction.
@@ -84,6 +84,16 @@ pub extern "C-unwind" fn pg_subject_audit_writer_main(arg: pg_sys::Datum) {
     if !queue::attach_writer(database) {
         return;
     }
+    // Nobody waits for these commits; the queue itself does not survive a
+    // crash either. WAL is still written and flushed within moments.
+    unsafe {
+        pg_sys::SetConfigOption(
+            c"synchronous_commit".as_ptr(),
+            c"off".as_ptr(),
+            pg_sys::GucContext::PGC_SUSET,
+            pg_sys::GucSource::PGC_S_OVERRIDE,
+        );
+    }
     let mut idle_since = Instant::now();
     loop {
         let taken = queue::take(database, BATCH);
@@ -107,12 +117,12 @@ pub extern "C-unwind" fn pg_subject_audit_writer_main(arg: pg_sys::Datum) {
 /// so a bad entry costs only itself (dropped and counted, never retried).
 fn write(database: pg_sys::Oid, taken: Vec<(usize, Vec<u8>)>) {
     let (slots, bytes): (Vec<usize>, Vec<Vec<u8>>) = taken.into_iter().unzip();
-    if in_transaction(|| bytes.iter().for_each(|b| record(b))) {
+    if in_transaction(|| record(&bytes)) {
         queue::release(database, &slots, true);
         return;
     }
     for (slot, b) in slots.iter().zip(&bytes) {
-        let written = in_transaction(|| record(b));
+        let written = in_transaction(|| record(std::slice::from_ref(b)));
         queue::release(database, &[*slot], written);
     }
 }
@@ -152,11 +162,8 @@ fn in_transaction(f: impl FnOnce()) -> bool {
         pg_sys::SetCurrentStatementStartTimestamp();
         pg_sys::StartTransactionCommand();
         pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
-        let installed = store::select_one::<bool>(
-            "SELECT EXISTS (SELECT FROM pg_catalog.pg_extension WHERE extname OPERATOR(pg_catalog.=) 'pg_subject_audit')",
-            &[],
-        );
-        let installed = matches!(installed, Ok(Some(true)));
+        let installed =
+            pg_sys::get_extension_oid(c"pg_subject_audit".as_ptr(), true) != pg_sys::InvalidOid;
         if installed {
             f();
         }
@@ -202,24 +209,46 @@ fn context(entry: &Entry) -> StatementContext {
     }
 }
 
-/// One entry's events: one per subject, or one of nobody's.
-fn record(bytes: &[u8]) {
-    let entry = match Entry::decode(bytes) {
-        Ok(entry) => entry,
-        Err(e) => {
-            store::error::raise(
-                pgrx::PgSqlErrorCode::ERRCODE_DATA_CORRUPTED,
-                format!("undecodable deferred entry: {e:?}"),
-            );
-        }
-    };
-    let header = Header {
-        operation: &entry.operation,
-        status: if entry.failed { "error" } else { "ok" },
-        sqlstate: entry.sqlstate.as_deref(),
-        title: Some(&entry.title),
-        table_name: Some(&entry.table_name),
-    };
+/// The entries' events, in one pass: per entry one event per subject, or
+/// one of nobody's.
+fn record(encoded: &[Vec<u8>]) {
+    let entries: Vec<Entry> = encoded
+        .iter()
+        .map(|bytes| {
+            Entry::decode(bytes).unwrap_or_else(|e| {
+                store::error::raise(
+                    pgrx::PgSqlErrorCode::ERRCODE_DATA_CORRUPTED,
+                    format!("undecodable deferred entry: {e:?}"),
+                )
+            })
+        })
+        .collect();
+    let headers: Vec<Header> = entries
+        .iter()
+        .map(|entry| Header {
+            operation: &entry.operation,
+            status: if entry.failed { "error" } else { "ok" },
+            sqlstate: entry.sqlstate.as_deref(),
+            title: Some(&entry.title),
+            table_name: Some(&entry.table_name),
+        })
+        .collect();
+    let contexts: Vec<StatementContext> = entries.iter().map(context).collect();
+    let drafts: Vec<Vec<Draft>> = entries.iter().map(drafts).collect();
+    let groups: Vec<Group> = headers
+        .iter()
+        .zip(&contexts)
+        .zip(&drafts)
+        .map(|((header, statement), drafts)| Group {
+            header,
+            statement,
+            drafts,
+        })
+        .collect();
+    recorder::record_groups(&groups);
+}
+
+fn drafts(entry: &Entry) -> Vec<Draft> {
     let columns: Option<Rc<[String]>> =
         (!entry.columns.is_empty()).then(|| entry.columns.clone().into());
     let payload = || {
@@ -227,22 +256,20 @@ fn record(bytes: &[u8]) {
             PayloadWriter::with_note(entry.reason.as_deref(), entry.message.as_deref()).finish(),
         ))
     };
-    let drafts: Vec<Draft> = if entry.subjects.is_empty() {
-        vec![Draft {
+    if entry.subjects.is_empty() {
+        return vec![Draft {
             subject: Subject::Nobody,
+            columns,
+            payload: payload(),
+        }];
+    }
+    entry
+        .subjects
+        .iter()
+        .map(|token| Draft {
+            subject: Subject::Digest(keyring::subject_digest(token)),
             columns: columns.clone(),
             payload: payload(),
-        }]
-    } else {
-        entry
-            .subjects
-            .iter()
-            .map(|token| Draft {
-                subject: Subject::Digest(keyring::subject_digest(token)),
-                columns: columns.clone(),
-                payload: payload(),
-            })
-            .collect()
-    };
-    recorder::record(&header, &context(&entry), &drafts);
+        })
+        .collect()
 }

@@ -68,7 +68,24 @@ struct ColumnSet<'a> {
 
 /// Records `drafts`, returns their event ids in order.
 pub fn record(header: &Header<'_>, statement: &StatementContext, drafts: &[Draft]) -> Vec<i64> {
-    unsafe { record_unchecked(header, statement, drafts) }
+    record_groups(&[Group {
+        header,
+        statement,
+        drafts,
+    }])
+}
+
+/// Events of one statement: what they share, and the drafts.
+pub struct Group<'a> {
+    pub header: &'a Header<'a>,
+    pub statement: &'a StatementContext,
+    pub drafts: &'a [Draft],
+}
+
+/// Records several statements' events in one pass (one key lookup, one
+/// inserter), as the background writer does; returns the event ids in order.
+pub fn record_groups(groups: &[Group<'_>]) -> Vec<i64> {
+    unsafe { record_unchecked(groups) }
 }
 
 thread_local! {
@@ -102,159 +119,166 @@ fn check_ledger_horizon(txid: u64) {
     LEDGER_HORIZON_CHECKED.with(|c| c.set(true));
 }
 
-unsafe fn record_unchecked(
-    header: &Header<'_>,
-    statement: &StatementContext,
-    drafts: &[Draft],
-) -> Vec<i64> {
-    check_ledger_horizon(statement.txid);
-    let encrypted = drafts.iter().any(|d| d.payload.is_some());
+unsafe fn record_unchecked(groups: &[Group<'_>]) -> Vec<i64> {
+    let Some(first) = groups.first() else {
+        return Vec::new();
+    };
+    check_ledger_horizon(first.statement.txid);
+    let all_drafts = || groups.iter().flat_map(|g| g.drafts.iter());
+    let count = all_drafts().count();
+    let encrypted = all_drafts().any(|d| d.payload.is_some());
     let writer = encrypted.then(keyring::writer_context);
-    let digests: Vec<[u8; DIGEST_LEN]> = drafts
-        .iter()
+    let digests: Vec<[u8; DIGEST_LEN]> = all_drafts()
         .filter_map(|d| match d.subject {
             Subject::Digest(digest) => Some(digest),
             _ => None,
         })
         .collect();
     let subject_keys = keyring::subject_keys(&digests);
-    let mut nonces = Zeroizing::new(vec![0u8; NONCE_LEN * drafts.len()]);
+    let mut nonces = Zeroizing::new(vec![0u8; NONCE_LEN * count]);
     crypto::fill_random(&mut nonces)
         .unwrap_or_else(|e| raise(ERRCODE_INTERNAL_ERROR, e.to_string()));
+    let mut nonces = nonces.chunks_exact(NONCE_LEN);
 
     let relations = store::relations();
-    let mut inserter = EventInserter::open(relations.event, drafts.len());
-    let text = |s: Option<&str>| s.map(|s| text_datum(s.as_bytes()));
-    // Values shared by every event of the call, as datums built once.
-    let shared = [
-        Some(Datum::from(statement.at)),
-        Some(Datum::from(statement.txid)),
-        text(Some(header.operation)),
-        text(Some(header.status)),
-        text(header.title),
-        text(header.table_name),
-        text(Some(&statement.actor)),
-        text(Some(&statement.db_role)),
-        text(Some(&statement.session_role)),
-        text(statement.application_name.as_deref()),
-        statement
-            .client_addr
-            .as_deref()
-            .map(|a| inserter::inet_datum(a)),
-    ];
+    let mut inserter = EventInserter::open(relations.event, count);
     // Boxed: a DataKey is large, and the map must not move them around as it grows.
     let mut data_keys: HashMap<i64, Box<DataKey>> = HashMap::with_capacity(subject_keys.len());
     let no_subject_key = writer.as_ref().map(|w| w.sender.data_key(None));
-    let mut column_sets: Vec<ColumnSet<'_>> = Vec::new();
-    let mut event_ids = Vec::with_capacity(drafts.len());
-    let sqlstate = text(header.sqlstate);
+    let mut event_ids = Vec::with_capacity(count);
+    for group in groups {
+        let (header, statement, drafts) = (group.header, group.statement, group.drafts);
+        let text = |s: Option<&str>| s.map(|s| text_datum(s.as_bytes()));
+        // Values shared by every event of the group, as datums built once.
+        let shared = [
+            Some(Datum::from(statement.at)),
+            Some(Datum::from(statement.txid)),
+            text(Some(header.operation)),
+            text(Some(header.status)),
+            text(header.title),
+            text(header.table_name),
+            text(Some(&statement.actor)),
+            text(Some(&statement.db_role)),
+            text(Some(&statement.session_role)),
+            text(statement.application_name.as_deref()),
+            statement
+                .client_addr
+                .as_deref()
+                .map(|a| inserter::inet_datum(a)),
+        ];
+        let mut column_sets: Vec<ColumnSet<'_>> = Vec::new();
+        let sqlstate = text(header.sqlstate);
 
-    for (draft, nonce) in drafts.iter().zip(nonces.chunks_exact(NONCE_LEN)) {
-        let event_id =
-            pg_sys::ffi::pg_guard_ffi_boundary(|| nextval_internal(relations.event_id_seq, false));
-        event_ids.push(event_id);
-        let subject_key = match draft.subject {
-            Subject::Digest(digest) => Some(&subject_keys[&digest]),
-            Subject::Nobody | Subject::Key(..) => None,
-        };
-        let (subject_key_id, subject_digest) = match &draft.subject {
-            Subject::Nobody => (None, None),
-            Subject::Digest(digest) => (subject_key.map(|k| k.subject_key_id), Some(&digest[..])),
-            Subject::Key(id, digest) => (Some(*id), Some(&digest[..])),
-        };
-        let nonce: &[u8; NONCE_LEN] = nonce.try_into().expect("chunks_exact");
-        let columns = draft.columns.as_ref().map(|cols| {
-            column_sets
-                .iter()
-                .position(|set| Rc::ptr_eq(set.shared, cols))
-                .unwrap_or_else(|| {
-                    let names: Vec<&str> = cols.iter().map(String::as_str).collect();
-                    let datum = text_array(&names);
-                    let metadata = envelope::metadata_digest(
-                        header.operation,
-                        header.table_name,
-                        Some(&names),
-                    );
-                    column_sets.push(ColumnSet {
-                        shared: cols,
-                        names,
-                        datum,
+        for (draft, nonce) in drafts.iter().zip(&mut nonces) {
+            let event_id = pg_sys::ffi::pg_guard_ffi_boundary(|| {
+                nextval_internal(relations.event_id_seq, false)
+            });
+            event_ids.push(event_id);
+            let subject_key = match draft.subject {
+                Subject::Digest(digest) => Some(&subject_keys[&digest]),
+                Subject::Nobody | Subject::Key(..) => None,
+            };
+            let (subject_key_id, subject_digest) = match &draft.subject {
+                Subject::Nobody => (None, None),
+                Subject::Digest(digest) => {
+                    (subject_key.map(|k| k.subject_key_id), Some(&digest[..]))
+                }
+                Subject::Key(id, digest) => (Some(*id), Some(&digest[..])),
+            };
+            let nonce: &[u8; NONCE_LEN] = nonce.try_into().expect("chunks_exact");
+            let columns = draft.columns.as_ref().map(|cols| {
+                column_sets
+                    .iter()
+                    .position(|set| Rc::ptr_eq(set.shared, cols))
+                    .unwrap_or_else(|| {
+                        let names: Vec<&str> = cols.iter().map(String::as_str).collect();
+                        let datum = text_array(&names);
+                        let metadata = envelope::metadata_digest(
+                            header.operation,
+                            header.table_name,
+                            Some(&names),
+                        );
+                        column_sets.push(ColumnSet {
+                            shared: cols,
+                            names,
+                            datum,
+                            metadata,
+                        });
+                        column_sets.len() - 1
+                    })
+            });
+            let metadata = match columns {
+                Some(i) => column_sets[i].metadata,
+                None => envelope::metadata_digest(header.operation, header.table_name, None),
+            };
+            let sealed = match (&draft.payload, &writer) {
+                (Some(payload), Some(writer)) => {
+                    let key: &DataKey = match subject_key {
+                        Some(k) => data_keys
+                            .entry(k.subject_key_id)
+                            .or_insert_with(|| Box::new(writer.sender.data_key(Some(&k.salt[..])))),
+                        None if draft.subject == Subject::Nobody => {
+                            no_subject_key.as_ref().expect("writer context")
+                        }
+                        None => raise(
+                            ERRCODE_INTERNAL_ERROR,
+                            "an event for a subject key by id carries no payload",
+                        ),
+                    };
+                    let binding = Binding {
+                        event_id,
+                        subject_key_id,
+                        subject_digest,
+                        context_id: writer.context_id,
                         metadata,
-                    });
-                    column_sets.len() - 1
-                })
-        });
-        let metadata = match columns {
-            Some(i) => column_sets[i].metadata,
-            None => envelope::metadata_digest(header.operation, header.table_name, None),
-        };
-        let sealed = match (&draft.payload, &writer) {
-            (Some(payload), Some(writer)) => {
-                let key: &DataKey = match subject_key {
-                    Some(k) => data_keys
-                        .entry(k.subject_key_id)
-                        .or_insert_with(|| Box::new(writer.sender.data_key(Some(&k.salt[..])))),
-                    None if draft.subject == Subject::Nobody => {
-                        no_subject_key.as_ref().expect("writer context")
-                    }
-                    None => raise(
-                        ERRCODE_INTERNAL_ERROR,
-                        "an event for a subject key by id carries no payload",
-                    ),
-                };
-                let binding = Binding {
-                    event_id,
-                    subject_key_id,
-                    subject_digest,
-                    context_id: writer.context_id,
-                    metadata,
-                };
-                let ciphertext = envelope::seal_event(key, nonce, &binding, payload)
-                    .unwrap_or_else(|e| raise(ERRCODE_INTERNAL_ERROR, e.to_string()));
-                Some((writer.context_id, ciphertext))
-            }
-            _ => None,
-        };
-        let fields = EventFields {
-            event_id,
-            at: statement.at,
-            txid: statement.txid,
-            operation: header.operation,
-            status: header.status,
-            sqlstate: header.sqlstate,
-            title: header.title,
-            table_name: header.table_name,
-            actor: &statement.actor,
-            db_role: &statement.db_role,
-            session_role: &statement.session_role,
-            application_name: statement.application_name.as_deref(),
-            client_addr: statement.client_addr.as_deref(),
-            changed_columns: columns.map(|i| &column_sets[i].names[..]),
-            subject_key_id,
-            subject_digest,
-            context_id: sealed.as_ref().map(|s| s.0),
-            nonce: sealed.as_ref().map(|_| &nonce[..]),
-            payload: sealed.as_ref().map(|s| &s.1[..]),
-        };
-        let hash = row_hash(&fields);
-        let columns_datum = columns.map(|i| column_sets[i].datum);
-        inserter.insert(|| {
-            let mut values: [Option<Datum>; EVENT_COLUMNS] = [None; EVENT_COLUMNS];
-            values[0] = Some(Datum::from(event_id));
-            values[1..3].copy_from_slice(&shared[0..2]);
-            values[3..5].copy_from_slice(&shared[2..4]);
-            values[5] = sqlstate;
-            values[6..13].copy_from_slice(&shared[4..11]);
-            values[13] = columns_datum;
-            values[14] = subject_key_id.map(Datum::from);
-            if let Some((context_id, ciphertext)) = &sealed {
-                values[15] = Some(Datum::from(*context_id));
-                values[16] = Some(text_datum(nonce));
-                values[17] = Some(text_datum(ciphertext));
-            }
-            values[18] = Some(text_datum(&hash));
-            values
-        });
+                    };
+                    let ciphertext = envelope::seal_event(key, nonce, &binding, payload)
+                        .unwrap_or_else(|e| raise(ERRCODE_INTERNAL_ERROR, e.to_string()));
+                    Some((writer.context_id, ciphertext))
+                }
+                _ => None,
+            };
+            let fields = EventFields {
+                event_id,
+                at: statement.at,
+                txid: statement.txid,
+                operation: header.operation,
+                status: header.status,
+                sqlstate: header.sqlstate,
+                title: header.title,
+                table_name: header.table_name,
+                actor: &statement.actor,
+                db_role: &statement.db_role,
+                session_role: &statement.session_role,
+                application_name: statement.application_name.as_deref(),
+                client_addr: statement.client_addr.as_deref(),
+                changed_columns: columns.map(|i| &column_sets[i].names[..]),
+                subject_key_id,
+                subject_digest,
+                context_id: sealed.as_ref().map(|s| s.0),
+                nonce: sealed.as_ref().map(|_| &nonce[..]),
+                payload: sealed.as_ref().map(|s| &s.1[..]),
+            };
+            let hash = row_hash(&fields);
+            let columns_datum = columns.map(|i| column_sets[i].datum);
+            inserter.insert(|| {
+                let mut values: [Option<Datum>; EVENT_COLUMNS] = [None; EVENT_COLUMNS];
+                values[0] = Some(Datum::from(event_id));
+                values[1..3].copy_from_slice(&shared[0..2]);
+                values[3..5].copy_from_slice(&shared[2..4]);
+                values[5] = sqlstate;
+                values[6..13].copy_from_slice(&shared[4..11]);
+                values[13] = columns_datum;
+                values[14] = subject_key_id.map(Datum::from);
+                if let Some((context_id, ciphertext)) = &sealed {
+                    values[15] = Some(Datum::from(*context_id));
+                    values[16] = Some(text_datum(nonce));
+                    values[17] = Some(text_datum(ciphertext));
+                }
+                values[18] = Some(text_datum(&hash));
+                values
+            });
+        }
     }
     inserter.close();
     event_ids
