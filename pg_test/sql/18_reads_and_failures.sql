@@ -76,6 +76,42 @@ WHERE position('\x616e6e406578616d706c652e636f6d'::bytea IN coalesce(payload, ''
    OR title LIKE '%ann@%' OR title LIKE '%LIKE%' OR array_to_string(changed_columns, ',') LIKE '%@%';
 SELECT next_mark();
 
+-- 2b. Reads inside other statements.
+CREATE TABLE copy_of (token text);
+CREATE FUNCTION token_of(int) RETURNS text LANGUAGE sql STABLE AS $$ SELECT token FROM customers WHERE id = $1 $$;
+\c - postgres
+GRANT ALL ON copy_of TO r18_app;
+GRANT EXECUTE ON FUNCTION token_of(int) TO r18_app;
+\c - r18_app
+-- INSERT … SELECT reads customers: statement-level, with the rows it processed.
+INSERT INTO copy_of SELECT token FROM customers WHERE id < 3;
+-- A function reading once per row: one event per subject for the whole statement.
+SELECT token_of(id) FROM generate_series(1, 3) AS id;
+-- A cursor opened in a savepoint that is released, fetched across another
+-- savepoint rolled back, then closed: every row it returned.
+BEGIN;
+SAVEPOINT a;
+DECLARE c CURSOR FOR SELECT token FROM customers ORDER BY id;
+RELEASE a;
+FETCH 1 FROM c;
+SAVEPOINT b;
+ROLLBACK TO b;
+FETCH ALL FROM c;
+CLOSE c;
+COMMIT;
+-- EXPLAIN ANALYZE runs the query but returns no row: no event.
+EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF, SUMMARY OFF) SELECT token FROM customers WHERE id = 1;
+-- A reason of any length: kept to its first 256 bytes, the read recorded.
+SELECT set_config('subject_audit.reason', repeat('x', 5000), false) IS NOT NULL AS reason_set;
+SELECT token FROM customers WHERE id = 3;
+RESET subject_audit.reason;
+\c - postgres
+SELECT subject_audit.wait_for_writer();
+SELECT * FROM new_events;
+SELECT next_mark();
+SELECT subject_audit.unlock(:'sk');
+SELECT length(description) AS description_length FROM trail('c-3') WHERE operation = 'READ' AND description LIKE 'read token — x%';
+
 -- 3. Our own functions are not counted as table reads; nor are foreign key checks.
 INSERT INTO orders VALUES (1, 1, 'book');
 SELECT count(*) FROM subject_audit.audit_for_subject('c-3');

@@ -46,13 +46,29 @@ impl Operation {
     }
 }
 
-/// Registers the relcache callback that drops stale table metadata.
+/// Registers the callbacks that drop stale table metadata.
 pub fn init() {
     unsafe {
         pg_sys::CacheRegisterRelcacheCallback(
             Some(on_relcache_invalidation),
             pg_sys::Datum::from(0),
         );
+        pg_sys::RegisterXactCallback(Some(on_transaction_end), std::ptr::null_mut());
+    }
+}
+
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn on_transaction_end(
+    event: pg_sys::XactEvent::Type,
+    _arg: *mut std::ffi::c_void,
+) {
+    if matches!(
+        event,
+        pg_sys::XactEvent::XACT_EVENT_COMMIT
+            | pg_sys::XactEvent::XACT_EVENT_ABORT
+            | pg_sys::XactEvent::XACT_EVENT_PREPARE
+    ) {
+        table_meta::end_of_transaction();
     }
 }
 

@@ -46,6 +46,9 @@ impl Drop for TableMeta {
 
 thread_local! {
     static TABLES: RefCell<HashMap<pg_sys::Oid, Rc<TableMeta>>> = RefCell::new(HashMap::new());
+    /// Metadata read under a REPEATABLE READ or SERIALIZABLE snapshot: good
+    /// until the transaction ends (`end_of_transaction`), not beyond.
+    static TRANSACTION_TABLES: RefCell<HashMap<pg_sys::Oid, Rc<TableMeta>>> = RefCell::new(HashMap::new());
     /// Bumped by every invalidation: metadata built while it moved is not cached.
     static GENERATION: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
 }
@@ -64,8 +67,11 @@ pub fn get(relation: pg_sys::Relation) -> Rc<TableMeta> {
 /// The metadata of `relation` if it is tracked (itself or through an ancestor).
 pub fn lookup(relation: pg_sys::Relation) -> Option<Rc<TableMeta>> {
     let relid = unsafe { (*relation).rd_id };
-    if let Some(meta) = TABLES.with(|t| t.borrow().get(&relid).cloned()) {
-        return Some(meta);
+    let cached = TABLES
+        .with(|t| t.borrow().get(&relid).cloned())
+        .or_else(|| TRANSACTION_TABLES.with(|t| t.borrow().get(&relid).cloned()));
+    if cached.is_some() {
+        return cached;
     }
     let seen = GENERATION.with(std::cell::Cell::get);
     let meta = Rc::new(unsafe { build(relation) }?);
@@ -73,14 +79,29 @@ pub fn lookup(relation: pg_sys::Relation) -> Option<Rc<TableMeta>> {
     // snapshot: good for this transaction, not for the next one.
     let transaction_snapshot =
         unsafe { pg_sys::XactIsoLevel } >= pg_sys::XACT_REPEATABLE_READ as i32;
-    if !transaction_snapshot && GENERATION.with(std::cell::Cell::get) == seen {
-        TABLES.with(|t| t.borrow_mut().insert(relid, meta.clone()));
+    if GENERATION.with(std::cell::Cell::get) == seen {
+        let cache = if transaction_snapshot {
+            &TRANSACTION_TABLES
+        } else {
+            &TABLES
+        };
+        cache.with(|t| t.borrow_mut().insert(relid, meta.clone()));
     }
     Some(meta)
 }
 
+/// The transaction ended: what its snapshot said is forgotten.
+pub fn end_of_transaction() {
+    TRANSACTION_TABLES.with(|t| {
+        if let Ok(mut t) = t.try_borrow_mut() {
+            t.clear();
+        }
+    });
+}
+
 pub fn on_relation_invalidated(relid: pg_sys::Oid) {
     GENERATION.with(|g| g.set(g.get() + 1));
+    TRANSACTION_TABLES.with(|t| t.borrow_mut().clear());
     TABLES.with(|t| {
         let mut t = t.borrow_mut();
         if relid == pg_sys::InvalidOid {

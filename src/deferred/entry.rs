@@ -37,6 +37,13 @@ pub struct Entry {
     pub subjects: Vec<Vec<u8>>,
 }
 
+/// One encoded piece of an entry, and how many events it makes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Part {
+    pub bytes: Vec<u8>,
+    pub events: u64,
+}
+
 #[derive(Debug, PartialEq, Eq)]
 pub enum DecodeError {
     Truncated,
@@ -45,7 +52,62 @@ pub enum DecodeError {
     TrailingBytes,
 }
 
+/// Bytes kept of a free-text field (actor, reason, application name): a
+/// session can set them to anything, and every part of an entry repeats them.
+const MAX_TEXT: usize = 256;
+/// Column names kept per entry.
+const MAX_COLUMNS: usize = 32;
+
 impl Entry {
+    /// Whether `other` is the same event but for its subjects, so the two
+    /// can travel as one entry.
+    pub fn same_but_subjects(&self, other: &Entry) -> bool {
+        self.failed == other.failed
+            && self.at == other.at
+            && self.operation == other.operation
+            && self.title == other.title
+            && self.table_name == other.table_name
+            && self.columns == other.columns
+            && self.sqlstate == other.sqlstate
+            && self.message == other.message
+            && self.actor == other.actor
+            && self.db_role == other.db_role
+            && self.session_role == other.session_role
+            && self.application_name == other.application_name
+            && self.client_addr == other.client_addr
+            && self.reason == other.reason
+    }
+
+    /// Cuts the free-text fields and the column list to their limits, so
+    /// the rest of an entry always fits a slot beside its subjects.
+    fn bounded(&self) -> Entry {
+        let cut = |s: &str| -> String {
+            let mut end = s.len().min(MAX_TEXT);
+            while !s.is_char_boundary(end) {
+                end -= 1;
+            }
+            s[..end].to_owned()
+        };
+        Entry {
+            title: cut(&self.title),
+            table_name: cut(&self.table_name),
+            columns: self
+                .columns
+                .iter()
+                .take(MAX_COLUMNS)
+                .map(|c| cut(c))
+                .collect(),
+            sqlstate: self.sqlstate.as_deref().map(cut),
+            actor: cut(&self.actor),
+            db_role: cut(&self.db_role),
+            session_role: cut(&self.session_role),
+            application_name: self.application_name.as_deref().map(cut),
+            client_addr: self.client_addr.as_deref().map(cut),
+            reason: self.reason.as_deref().map(cut),
+            ..self.clone()
+        }
+    }
+
     /// The encoding without the subjects, which `split` spreads over entries.
     fn encode_head(&self, out: &mut Vec<u8>) {
         out.push(VERSION);
@@ -85,8 +147,8 @@ impl Entry {
     /// cannot fit even alone is cut short: a message at a character
     /// boundary, a subject value never (it would be another person): such a
     /// value is left out, and counted in the second item.
-    pub fn split(&self, limit: usize) -> (Vec<Vec<u8>>, usize) {
-        let mut entry = self.clone();
+    pub fn split(&self, limit: usize) -> (Vec<Part>, usize) {
+        let mut entry = self.bounded();
         let mut head = Vec::new();
         entry.encode_head(&mut head);
         // Room for the subject count and at least one subject.
@@ -106,13 +168,15 @@ impl Entry {
         let mut left_out = 0;
         let mut subjects: Vec<&[u8]> = Vec::new();
         let mut size = head.len() + 5;
-        let finish = |subjects: &mut Vec<&[u8]>, out: &mut Vec<Vec<u8>>| {
+        let finish = |subjects: &mut Vec<&[u8]>, out: &mut Vec<Part>| {
             let mut bytes = head.clone();
             put_varint(&mut bytes, subjects.len() as u64);
+            // An entry without subjects is one event of nobody's.
+            let events = subjects.len().max(1) as u64;
             for s in subjects.drain(..) {
                 put(&mut bytes, Some(s));
             }
-            out.push(bytes);
+            out.push(Part { bytes, events });
         };
         for subject in &self.subjects {
             let cost = subject.len() + 10;
@@ -316,8 +380,9 @@ mod tests {
         assert!(parts.len() > 1);
         let mut seen = Vec::new();
         for part in &parts {
-            assert!(part.len() <= 1024, "{} bytes", part.len());
-            let decoded = Entry::decode(part).expect("decodes");
+            assert!(part.bytes.len() <= 1024, "{} bytes", part.bytes.len());
+            let decoded = Entry::decode(&part.bytes).expect("decodes");
+            assert_eq!(part.events, decoded.subjects.len() as u64);
             assert_eq!(decoded.message, entry.message);
             assert_eq!(decoded.columns, entry.columns);
             seen.extend(decoded.subjects);
@@ -331,7 +396,7 @@ mod tests {
         entry.message = Some("é".repeat(5000));
         let (parts, _) = entry.split(1024);
         assert_eq!(parts.len(), 1);
-        let decoded = Entry::decode(&parts[0]).expect("decodes");
+        let decoded = Entry::decode(&parts[0].bytes).expect("decodes");
         let message = decoded.message.expect("message kept");
         assert!(!message.is_empty() && message.len() < 1024);
         assert!(message.chars().all(|c| c == 'é'));
@@ -344,7 +409,8 @@ mod tests {
         entry.subjects.clear();
         let (parts, _) = entry.split(4096);
         assert_eq!(parts.len(), 1);
-        assert_eq!(Entry::decode(&parts[0]), Ok(entry));
+        assert_eq!(parts[0].events, 1);
+        assert_eq!(Entry::decode(&parts[0].bytes), Ok(entry));
     }
 
     #[test]
@@ -355,7 +421,7 @@ mod tests {
         assert_eq!(left_out, 1);
         let decoded: Vec<_> = parts
             .iter()
-            .flat_map(|p| Entry::decode(p).expect("decodes").subjects)
+            .flat_map(|p| Entry::decode(&p.bytes).expect("decodes").subjects)
             .collect();
         assert_eq!(decoded, vec![b"c-1".to_vec()]);
     }
@@ -375,13 +441,42 @@ mod tests {
             let (parts, left_out) = no_panic(&limit, || entry.split(limit));
             let mut seen = 0;
             for part in &parts {
-                assert!(part.len() <= limit);
-                let mut mutated = part.clone();
+                assert!(part.bytes.len() <= limit);
+                let mut mutated = part.bytes.clone();
                 rng.mutate(&mut mutated);
                 let _ = no_panic(&mutated, || Entry::decode(&mutated));
-                seen += Entry::decode(part).expect("decodes").subjects.len();
+                seen += Entry::decode(&part.bytes).expect("decodes").subjects.len();
             }
             assert_eq!(seen + left_out, entry.subjects.len());
         });
+    }
+
+    #[test]
+    fn split_bounds_whatever_a_session_can_set() {
+        let mut entry = sample();
+        entry.reason = Some("r".repeat(100_000));
+        entry.actor = "a".repeat(100_000);
+        entry.columns = (0..5000).map(|i| format!("column_{i}")).collect();
+        let (parts, left_out) = entry.split(4096);
+        assert_eq!(left_out, 0);
+        let decoded: Vec<Entry> = parts
+            .iter()
+            .map(|p| Entry::decode(&p.bytes).expect("decodes"))
+            .collect();
+        assert!(parts.iter().all(|p| p.bytes.len() <= 4096));
+        assert_eq!(decoded[0].reason.as_deref().map(str::len), Some(MAX_TEXT));
+        assert_eq!(decoded[0].columns.len(), MAX_COLUMNS);
+        let subjects: usize = decoded.iter().map(|e| e.subjects.len()).sum();
+        assert_eq!(subjects, entry.subjects.len());
+    }
+
+    #[test]
+    fn same_but_subjects_ignores_only_the_subjects() {
+        let a = sample();
+        let mut b = sample();
+        b.subjects = vec![b"c-9".to_vec()];
+        assert!(a.same_but_subjects(&b));
+        b.title.push('x');
+        assert!(!a.same_but_subjects(&b));
     }
 }

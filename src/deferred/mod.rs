@@ -29,25 +29,31 @@ pub fn available() -> bool {
     queue::available()
 }
 
-/// Hands `entry` to this database's writer; returns how many of its parts
+/// Hands `entry` to this database's writer; returns how many of its events
 /// were dropped (counted, and recorded in the admin trail by the writer).
-/// With `may_wait`, a full queue is waited on for a while first; an aborting
-/// transaction must not wait.
-pub fn hand_over(entry: &Entry, may_wait: bool) -> usize {
+/// With `may_wait`, a full queue is waited on while the writer makes room
+/// (back-pressure, given up after two seconds without progress); an
+/// aborting transaction must not wait.
+pub fn hand_over(entry: &Entry, may_wait: bool) -> u64 {
     let database = unsafe { pg_sys::MyDatabaseId };
     let (parts, left_out) = entry.split(queue::SLOT_BYTES);
-    queue::count_dropped(database, left_out);
+    let mut dropped = left_out as u64;
     let mut pending = &parts[..];
-    let started = Instant::now();
+    let mut since_progress = Instant::now();
     loop {
-        pending = &pending[queue::push(database, pending)..];
-        if pending.is_empty() || !may_wait || started.elapsed() >= BACK_PRESSURE {
+        let stored = queue::push(database, pending);
+        if stored > 0 {
+            since_progress = Instant::now();
+        }
+        pending = &pending[stored..];
+        if pending.is_empty() || !may_wait || since_progress.elapsed() >= BACK_PRESSURE {
             break;
         }
         sleep_briefly();
     }
-    queue::count_dropped(database, pending.len());
-    left_out + pending.len()
+    dropped += pending.iter().map(|p| p.events).sum::<u64>();
+    queue::count_dropped(database, dropped);
+    dropped
 }
 
 /// Waits until the writer has taken care of every entry of this database

@@ -1,37 +1,49 @@
 //! The hand-over queue: a fixed array of slots in shared memory, each
-//! holding one encoded `Entry` for one database, plus counters. Backends
-//! fill slots (also while their transaction aborts: no allocation, no
-//! catalog, one LWLock); the database's writer takes and frees them.
+//! holding one encoded part of an `Entry` for one database, plus counters.
+//! Backends fill slots (also while their transaction aborts: no allocation,
+//! no catalog, one LWLock); the database's writer takes and frees them.
 //!
-//! A full queue never blocks an abort: the entry is dropped and counted,
-//! per database, and the writer records the count in the admin trail.
+//! A full queue never blocks an abort: what does not fit is dropped and
+//! counted, per database, in events; the writer records the count in the
+//! admin trail.
 
 use std::ptr::{addr_of_mut, null_mut};
 
 use pgrx::pg_sys;
 
-/// Slots, and the bytes an encoded entry may take (entries are split to fit).
-const SLOTS: usize = 1024;
+use super::entry::Part;
+
+/// Slots, and the bytes an encoded part may take (entries are split to fit).
+const SLOTS: usize = 4096;
 pub const SLOT_BYTES: usize = 4096 - 16;
-/// Databases with a writer slot; others' entries are dropped (counted).
+/// Databases with a slot for their counters and writer.
 const DATABASES: usize = 32;
 /// Launches that found the writer gone before it attached: then the
 /// database is taken as unreachable (dropped, or not accepting connections).
 const MAX_FAILED_LAUNCHES: u32 = 3;
+/// Times an entry that waited on a lock is put back before it is dropped
+/// (about ten minutes, at one retry a second).
+const MAX_ATTEMPTS: u32 = 600;
 
 const FREE: u32 = 0;
 const FILLED: u32 = 1;
 const TAKEN: u32 = 2;
 
 /// A slot's state, kept apart from its bytes so that scans under the lock
-/// read a few cache lines, not megabytes.
+/// read a few hundred kilobytes, not sixteen megabytes.
 #[repr(C)]
 struct Slot {
     state: u32,
     database: pg_sys::Oid,
     len: u32,
+    /// Times it was put back after waiting on a lock.
+    attempts: u32,
     /// Order of arrival: a database's entries are written in this order.
     sequence: u64,
+    /// Events it makes (for drop counts).
+    events: u64,
+    /// Not to be taken before this time (a put-back entry), microseconds.
+    due: i64,
 }
 
 #[repr(C)]
@@ -50,6 +62,8 @@ struct Database {
 struct Shared {
     launcher: *mut pg_sys::PGPROC,
     next_sequence: u64,
+    /// Where the search for a free slot starts.
+    next_free: usize,
     /// Drops of databases without a slot of their own.
     dropped_elsewhere: u64,
     databases: [Database; DATABASES],
@@ -115,27 +129,58 @@ fn locked<R>(f: impl FnOnce(&mut Shared) -> R) -> R {
     }
 }
 
+fn now() -> i64 {
+    unsafe { pg_sys::GetCurrentTimestamp() }
+}
+
 impl Shared {
+    /// The slot of `oid`, taking a free one (or one no longer in use:
+    /// nothing queued, no writer, every drop reported) if it has none.
     fn database(&mut self, oid: pg_sys::Oid) -> Option<&mut Database> {
-        let i = self
-            .databases
-            .iter()
-            .position(|d| d.oid == oid)
-            .or_else(|| {
-                self.databases
+        let i = match self.databases.iter().position(|d| d.oid == oid) {
+            Some(i) => i,
+            None => {
+                let in_use: Vec<pg_sys::Oid> = self
+                    .slots
                     .iter()
-                    .position(|d| d.oid == pg_sys::InvalidOid)
-            })?;
-        let d = &mut self.databases[i];
-        d.oid = oid;
-        Some(d)
+                    .filter(|s| s.state != FREE)
+                    .map(|s| s.database)
+                    .collect();
+                let i = self.databases.iter().position(|d| {
+                    d.oid == pg_sys::InvalidOid
+                        || (d.writer.is_null()
+                            && d.dropped == d.reported
+                            && !in_use.contains(&d.oid))
+                })?;
+                self.databases[i] = Database {
+                    oid,
+                    writer: null_mut(),
+                    failed_launches: 0,
+                    written: 0,
+                    dropped: 0,
+                    reported: 0,
+                };
+                i
+            }
+        };
+        Some(&mut self.databases[i])
     }
 
     fn count_dropped(&mut self, database: pg_sys::Oid, n: u64) {
+        if n == 0 {
+            return;
+        }
         match self.database(database) {
             Some(d) => d.dropped += n,
             None => self.dropped_elsewhere += n,
         }
+    }
+
+    /// Frees slot `i`, wiping its bytes (they are plaintext).
+    fn free(&mut self, i: usize) {
+        let len = self.slots[i].len as usize;
+        self.data[i][..len].fill(0);
+        self.slots[i].state = FREE;
     }
 }
 
@@ -145,33 +190,42 @@ unsafe fn wake(proc_: *mut pg_sys::PGPROC) {
     }
 }
 
-/// Puts the first of `entries` that fit into the queue for `database`,
-/// wakes its writer (or the launcher), and returns how many were stored.
+/// Puts the first of `parts` that fit into the queue for `database`, wakes
+/// its writer (or the launcher), and returns how many were stored. Stores
+/// nothing for a database that gets no slot (more than `DATABASES` busy).
 /// Safe while a transaction aborts.
-pub fn push(database: pg_sys::Oid, entries: &[Vec<u8>]) -> usize {
-    if !available() || entries.is_empty() {
+pub fn push(database: pg_sys::Oid, parts: &[Part]) -> usize {
+    if !available() || parts.is_empty() {
         return 0;
     }
     let (stored, wake_up) = locked(|shared| {
+        let Some(writer) = shared.database(database).map(|d| d.writer) else {
+            return (0, null_mut());
+        };
         let mut stored = 0;
-        for (slot, data) in shared
-            .slots
-            .iter_mut()
-            .zip(shared.data.iter_mut())
-            .filter(|(s, _)| s.state == FREE)
-        {
-            let Some(entry) = entries.get(stored).filter(|e| e.len() <= SLOT_BYTES) else {
+        let start = shared.next_free;
+        for k in 0..SLOTS {
+            let Some(part) = parts.get(stored).filter(|p| p.bytes.len() <= SLOT_BYTES) else {
                 break;
             };
-            data[..entry.len()].copy_from_slice(entry);
-            slot.len = entry.len() as u32;
-            slot.database = database;
-            slot.state = FILLED;
-            slot.sequence = shared.next_sequence;
+            let i = (start + k) % SLOTS;
+            if shared.slots[i].state != FREE {
+                continue;
+            }
+            shared.data[i][..part.bytes.len()].copy_from_slice(&part.bytes);
+            shared.slots[i] = Slot {
+                state: FILLED,
+                database,
+                len: part.bytes.len() as u32,
+                attempts: 0,
+                sequence: shared.next_sequence,
+                events: part.events,
+                due: 0,
+            };
             shared.next_sequence += 1;
+            shared.next_free = (i + 1) % SLOTS;
             stored += 1;
         }
-        let writer = shared.database(database).map_or(null_mut(), |d| d.writer);
         let wake_up = if writer.is_null() {
             shared.launcher
         } else {
@@ -185,10 +239,10 @@ pub fn push(database: pg_sys::Oid, entries: &[Vec<u8>]) -> usize {
     stored
 }
 
-/// Counts `n` events of `database` that could not be queued at all.
-pub fn count_dropped(database: pg_sys::Oid, n: usize) {
+/// Counts `n` events of `database` that could not be queued.
+pub fn count_dropped(database: pg_sys::Oid, n: u64) {
     if available() && n > 0 {
-        locked(|shared| shared.count_dropped(database, n as u64));
+        locked(|shared| shared.count_dropped(database, n));
     }
 }
 
@@ -206,7 +260,12 @@ pub fn databases_waiting() -> Vec<pg_sys::Oid> {
                 waiting.push(slot.database);
             }
         }
-        waiting.retain(|&oid| shared.database(oid).is_some_and(|d| d.writer.is_null()));
+        waiting.retain(|&oid| {
+            shared
+                .databases
+                .iter()
+                .any(|d| d.oid == oid && d.writer.is_null())
+        });
         waiting
     })
 }
@@ -224,14 +283,14 @@ pub fn count_launch(database: pg_sys::Oid) -> bool {
         if launches.is_some_and(|n| n <= MAX_FAILED_LAUNCHES) {
             return true;
         }
-        let mut n = 0;
-        for slot in shared.slots.iter_mut() {
-            if slot.database == database && slot.state == FILLED {
-                slot.state = FREE;
-                n += 1;
+        let mut events = 0;
+        for i in 0..SLOTS {
+            if shared.slots[i].database == database && shared.slots[i].state == FILLED {
+                events += shared.slots[i].events;
+                shared.free(i);
             }
         }
-        shared.count_dropped(database, n);
+        shared.count_dropped(database, events);
         if let Some(d) = shared.database(database) {
             d.failed_launches = 0;
         }
@@ -240,7 +299,7 @@ pub fn count_launch(database: pg_sys::Oid) -> bool {
 }
 
 /// The writer of `database` attaches; false if another one already is.
-/// Entries a crashed writer had taken are handed out again.
+/// Entries a writer that died had taken are handed out again.
 pub fn attach_writer(database: pg_sys::Oid) -> bool {
     locked(|shared| {
         let Some(d) = shared.database(database) else {
@@ -268,31 +327,38 @@ pub fn detach_writer_if_idle(database: pg_sys::Oid) -> bool {
             .iter()
             .any(|s| s.database == database && s.state == FILLED);
         if !waiting {
-            if let Some(d) = shared.database(database) {
-                d.writer = null_mut();
-            }
+            detach(shared, database);
         }
         !waiting
     })
 }
 
-/// Detaches the writer of `database` (it is exiting).
+/// Detaches this process as the writer of `database` (it is exiting).
 pub fn detach_writer(database: pg_sys::Oid) {
-    locked(|shared| {
-        if let Some(d) = shared.database(database) {
-            d.writer = null_mut();
-        }
-    });
+    if available() {
+        locked(|shared| detach(shared, database));
+    }
 }
 
-/// Takes up to `max` waiting entries of `database`, oldest first: (slot, bytes).
+fn detach(shared: &mut Shared, database: pg_sys::Oid) {
+    let me = unsafe { pg_sys::MyProc };
+    if let Some(d) = shared.databases.iter_mut().find(|d| d.oid == database) {
+        if d.writer == me {
+            d.writer = null_mut();
+        }
+    }
+}
+
+/// Takes up to `max` waiting entries of `database` that are due, oldest
+/// first: (slot, bytes).
 pub fn take(database: pg_sys::Oid, max: usize) -> Vec<(usize, Vec<u8>)> {
+    let now = now();
     locked(|shared| {
         let mut waiting: Vec<(u64, usize)> = shared
             .slots
             .iter()
             .enumerate()
-            .filter(|(_, s)| s.database == database && s.state == FILLED)
+            .filter(|(_, s)| s.database == database && s.state == FILLED && s.due <= now)
             .map(|(i, s)| (s.sequence, i))
             .collect();
         waiting.sort_unstable();
@@ -300,9 +366,9 @@ pub fn take(database: pg_sys::Oid, max: usize) -> Vec<(usize, Vec<u8>)> {
             .into_iter()
             .take(max)
             .map(|(_, i)| {
-                let slot = &mut shared.slots[i];
-                slot.state = TAKEN;
-                (i, shared.data[i][..slot.len as usize].to_vec())
+                shared.slots[i].state = TAKEN;
+                let len = shared.slots[i].len as usize;
+                (i, shared.data[i][..len].to_vec())
             })
             .collect()
     })
@@ -311,16 +377,34 @@ pub fn take(database: pg_sys::Oid, max: usize) -> Vec<(usize, Vec<u8>)> {
 /// Frees taken slots: their events were written, or could not be (dropped).
 pub fn release(database: pg_sys::Oid, slots: &[usize], written: bool) {
     locked(|shared| {
+        let events: u64 = slots.iter().map(|&i| shared.slots[i].events).sum();
         for &i in slots {
-            shared.slots[i].state = FREE;
+            shared.free(i);
         }
-        let n = slots.len() as u64;
         if written {
             if let Some(d) = shared.database(database) {
-                d.written += n;
+                d.written += events;
             }
         } else {
-            shared.count_dropped(database, n);
+            shared.count_dropped(database, events);
+        }
+    });
+}
+
+/// Puts a taken slot back, to be retried in a second (it waited on a lock
+/// another transaction holds); dropped and counted after `MAX_ATTEMPTS`.
+pub fn retry_later(database: pg_sys::Oid, slot: usize) {
+    let due = now() + 1_000_000;
+    locked(|shared| {
+        let s = &mut shared.slots[slot];
+        s.attempts += 1;
+        if s.attempts > MAX_ATTEMPTS {
+            let events = s.events;
+            shared.free(slot);
+            shared.count_dropped(database, events);
+        } else {
+            s.state = FILLED;
+            s.due = due;
         }
     });
 }
@@ -329,20 +413,23 @@ pub fn release(database: pg_sys::Oid, slots: &[usize], written: bool) {
 pub fn unreported_drops(database: pg_sys::Oid) -> u64 {
     locked(|shared| {
         shared
-            .database(database)
+            .databases
+            .iter()
+            .find(|d| d.oid == database)
             .map_or(0, |d| d.dropped - d.reported)
     })
 }
 
 pub fn mark_reported(database: pg_sys::Oid, n: u64) {
     locked(|shared| {
-        if let Some(d) = shared.database(database) {
+        if let Some(d) = shared.databases.iter_mut().find(|d| d.oid == database) {
             d.reported += n;
         }
     });
 }
 
-/// (waiting, written, dropped) for `database`, since the server started.
+/// (waiting entries, written events, dropped events) for `database`, since
+/// the server started.
 pub fn status(database: pg_sys::Oid) -> (i64, i64, i64) {
     if !available() {
         return (0, 0, 0);

@@ -28,6 +28,8 @@ use crate::store;
 const BATCH: usize = 256;
 /// A writer with nothing to do for this long leaves.
 const IDLE_EXIT: Duration = Duration::from_secs(2);
+/// How long a writer asked to stop keeps writing what is queued.
+const DRAIN_AT_SHUTDOWN: Duration = Duration::from_secs(3);
 
 /// Registers the launcher. Only while preloading.
 pub fn register_launcher() {
@@ -84,47 +86,78 @@ pub extern "C-unwind" fn pg_subject_audit_writer_main(arg: pg_sys::Datum) {
     if !queue::attach_writer(database) {
         return;
     }
-    // Nobody waits for these commits; the queue itself does not survive a
-    // crash either. WAL is still written and flushed within moments.
-    unsafe {
+    // However this process ends (a FATAL too), its slot must not keep
+    // naming it, or no writer would start for this database again.
+    unsafe { pg_sys::before_shmem_exit(Some(detach_on_exit), pg_sys::Datum::from(database)) };
+    let set = |name: &std::ffi::CStr, value: &std::ffi::CStr| unsafe {
         pg_sys::SetConfigOption(
-            c"synchronous_commit".as_ptr(),
-            c"off".as_ptr(),
+            name.as_ptr(),
+            value.as_ptr(),
             pg_sys::GucContext::PGC_SUSET,
             pg_sys::GucSource::PGC_S_OVERRIDE,
         );
-    }
+    };
+    // Nobody waits for these commits; the queue itself does not survive a
+    // crash either. WAL is still written and flushed within moments.
+    set(c"synchronous_commit", c"off");
+    // A subject key another transaction is creating (uncommitted) would
+    // block the writer for as long as that transaction lives: such an
+    // entry is retried later instead.
+    set(c"lock_timeout", c"200ms");
     let mut idle_since = Instant::now();
+    // Set when asked to stop (shutdown): what is queued is still written, for a while.
+    let mut stopping: Option<Instant> = None;
     loop {
         let taken = queue::take(database, BATCH);
-        if !taken.is_empty() {
+        let drained = stopping.is_some_and(|since| since.elapsed() >= DRAIN_AT_SHUTDOWN);
+        if !taken.is_empty() && !drained {
             write(database, taken);
             report_drops(database);
             idle_since = Instant::now();
             continue;
         }
+        if stopping.is_some() {
+            break;
+        }
         if idle_since.elapsed() >= IDLE_EXIT && queue::detach_writer_if_idle(database) {
             return;
         }
         if !BackgroundWorker::wait_latch(Some(Duration::from_millis(200))) {
-            break;
+            stopping = Some(Instant::now());
         }
     }
     queue::detach_writer(database);
 }
 
+#[pg_guard]
+unsafe extern "C-unwind" fn detach_on_exit(_code: i32, database: pg_sys::Datum) {
+    queue::detach_writer(pg_sys::Oid::from(database.value() as u32));
+}
+
 /// Records the taken entries in one transaction; if that fails, one by one,
-/// so a bad entry costs only itself (dropped and counted, never retried).
+/// so a bad entry costs only itself: dropped and counted, or, if it waited
+/// on another transaction's lock, retried later.
 fn write(database: pg_sys::Oid, taken: Vec<(usize, Vec<u8>)>) {
     let (slots, bytes): (Vec<usize>, Vec<Vec<u8>>) = taken.into_iter().unzip();
-    if in_transaction(|| record(&bytes)) {
+    if in_transaction(|| record(&bytes)) == Outcome::Done {
         queue::release(database, &slots, true);
         return;
     }
     for (slot, b) in slots.iter().zip(&bytes) {
-        let written = in_transaction(|| record(std::slice::from_ref(b)));
-        queue::release(database, &[*slot], written);
+        match in_transaction(|| record(std::slice::from_ref(b))) {
+            Outcome::Done => queue::release(database, &[*slot], true),
+            Outcome::LockBusy => queue::retry_later(database, *slot),
+            Outcome::Failed => queue::release(database, &[*slot], false),
+        }
     }
+}
+
+#[derive(PartialEq, Eq, Clone, Copy)]
+enum Outcome {
+    Done,
+    /// It waited on a lock held by another transaction (lock_timeout).
+    LockBusy,
+    Failed,
 }
 
 /// Records in the admin trail how many events were dropped since the last report.
@@ -136,28 +169,30 @@ fn report_drops(database: pg_sys::Oid) {
     let title = format!(
         "{dropped} reads or failed statements not recorded: the queue was full or their writer could not start"
     );
-    let recorded = in_transaction(|| {
-        let header = Header {
-            operation: "DROPPED",
-            status: "error",
-            sqlstate: None,
-            title: Some(&title),
-            table_name: None,
-        };
-        let draft = Draft {
-            subject: Subject::Nobody,
-            columns: None,
-            payload: None,
-        };
-        recorder::record(&header, &context(&Entry::default()), &[draft]);
-    });
+    let recorded = Outcome::Done
+        == in_transaction(|| {
+            let header = Header {
+                operation: "DROPPED",
+                status: "error",
+                sqlstate: None,
+                title: Some(&title),
+                table_name: None,
+            };
+            let draft = Draft {
+                subject: Subject::Nobody,
+                columns: None,
+                payload: None,
+            };
+            recorder::record(&header, &context(&Entry::default()), &[draft]);
+        });
     if recorded {
         queue::mark_reported(database, dropped);
     }
 }
 
-/// Runs `f` in a transaction of its own; false (logged, rolled back) if it failed.
-fn in_transaction(f: impl FnOnce()) -> bool {
+/// Runs `f` in a transaction of its own; rolled back (and logged, unless it
+/// only waited on a lock) if it failed.
+fn in_transaction(f: impl FnOnce()) -> Outcome {
     PgTryBuilder::new(AssertUnwindSafe(move || unsafe {
         pg_sys::SetCurrentStatementStartTimestamp();
         pg_sys::StartTransactionCommand();
@@ -169,17 +204,29 @@ fn in_transaction(f: impl FnOnce()) -> bool {
         }
         pg_sys::PopActiveSnapshot();
         pg_sys::CommitTransactionCommand();
-        installed
+        if installed {
+            Outcome::Done
+        } else {
+            Outcome::Failed
+        }
     }))
     .catch_others(|e| {
-        if let pg_sys::panic::CaughtError::PostgresError(report) = &e {
-            log!(
-                "pg_subject_audit writer: could not record deferred events: {}",
-                report.message()
-            );
-        }
         unsafe { pg_sys::AbortCurrentTransaction() };
-        false
+        match &e {
+            pg_sys::panic::CaughtError::PostgresError(report)
+                if report.sql_error_code() == pgrx::PgSqlErrorCode::ERRCODE_LOCK_NOT_AVAILABLE =>
+            {
+                Outcome::LockBusy
+            }
+            pg_sys::panic::CaughtError::PostgresError(report) => {
+                log!(
+                    "pg_subject_audit writer: could not record deferred events: {}",
+                    report.message()
+                );
+                Outcome::Failed
+            }
+            _ => Outcome::Failed,
+        }
     })
     .execute()
 }

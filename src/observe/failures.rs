@@ -7,11 +7,12 @@
 //! which encrypts the message like any payload: it can hold personal values.
 //! A statement that succeeds drops its notes in ExecutorEnd.
 
+use std::collections::HashSet;
 use std::ffi::CStr;
 
 use pgrx::pg_sys;
 
-use super::{Frame, Kind, FRAMES};
+use super::{Kind, FRAMES};
 use crate::capture;
 use crate::deferred::Entry;
 use crate::recorder::StatementContext;
@@ -35,7 +36,7 @@ pub struct Change {
     operation: &'static str,
     /// The tracked tables it changes (a partition under its tracked ancestor).
     tables: Vec<String>,
-    subjects: Vec<Vec<u8>>,
+    subjects: HashSet<Vec<u8>>,
     not_itemized: u64,
     /// SQLSTATE and text of the error that ended it, when it was reported.
     error: Option<(String, String)>,
@@ -46,7 +47,7 @@ impl Change {
         (!tables.is_empty()).then_some(Change {
             operation,
             tables,
-            subjects: Vec::new(),
+            subjects: HashSet::new(),
             not_itemized: 0,
             error: None,
         })
@@ -55,15 +56,24 @@ impl Change {
     /// The failure's event entry: one event per distinct subject noted, or
     /// one of nobody's when no row was touched (e.g. permission denied).
     pub fn entry(self, who: &StatementContext) -> Entry {
-        let mut subjects = self.subjects;
+        let mut subjects: Vec<Vec<u8>> = self.subjects.into_iter().collect();
         subjects.sort_unstable();
-        subjects.dedup();
         let table_name = self.tables.join(", ");
         let mut title = format!("{} {table_name} failed", self.operation.to_lowercase());
         if self.not_itemized > 0 {
             title.push_str(&format!(" ({} more rows, not itemized)", self.not_itemized));
         }
         let (sqlstate, message) = match self.error {
+            // With no subject the event's key can never be shredded: no
+            // detail, which is where values are (Key (email)=(…)).
+            Some((sqlstate, message)) if subjects.is_empty() => {
+                let message = message
+                    .split("\nDETAIL: ")
+                    .next()
+                    .unwrap_or_default()
+                    .to_owned();
+                (Some(sqlstate), message)
+            }
             Some((sqlstate, message)) => (Some(sqlstate), message),
             // Caught by an exception handler (PL/pgSQL), so never reported.
             None => (
@@ -167,13 +177,9 @@ unsafe fn add_table(tables: &mut Vec<String>, relid: pg_sys::Oid) {
 /// `trigger` must be the `TriggerData` PostgreSQL passed to the trigger function.
 pub unsafe fn note_row(trigger: &pg_sys::TriggerData) {
     let watched = FRAMES.with(|f| {
-        matches!(
-            f.borrow().last(),
-            Some(Frame {
-                kind: Kind::Change(_),
-                ..
-            })
-        )
+        f.borrow()
+            .iter()
+            .any(|frame| matches!(frame.kind, Kind::Change(_)))
     });
     if !watched {
         return;
@@ -200,15 +206,21 @@ pub unsafe fn note_row(trigger: &pg_sys::TriggerData) {
             noted.push(value);
         }
     }
+    // The innermost statement changing this table: not a cursor a trigger
+    // left open, nor the statement whose foreign key cascaded here.
     FRAMES.with(|f| {
-        if let Some(Frame {
-            kind: Kind::Change(change),
-            ..
-        }) = f.borrow_mut().last_mut()
-        {
+        let mut frames = f.borrow_mut();
+        let change = frames
+            .iter_mut()
+            .rev()
+            .find_map(|frame| match &mut frame.kind {
+                Kind::Change(change) if change.tables.contains(&meta.name) => Some(change),
+                _ => None,
+            });
+        if let Some(change) = change {
             for value in noted {
-                if change.subjects.len() < MAX_SUBJECTS {
-                    change.subjects.push(value);
+                if change.subjects.len() < MAX_SUBJECTS || change.subjects.contains(&value) {
+                    change.subjects.insert(value);
                 } else {
                     change.not_itemized += 1;
                 }
@@ -250,7 +262,8 @@ unsafe fn describe(edata: *mut pg_sys::ErrorData) -> (String, String) {
     };
     let sqlstate = text(pg_sys::unpack_sql_state((*edata).sqlerrcode)).unwrap_or_default();
     let mut message = text((*edata).message).unwrap_or_default();
-    if let Some(detail) = text((*edata).detail) {
+    // "Failing row contains (…)" lists every column, excluded ones too.
+    if let Some(detail) = text((*edata).detail).filter(|d| !d.starts_with("Failing row contains")) {
         message.push_str("\nDETAIL: ");
         message.push_str(&detail);
     }

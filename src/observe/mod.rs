@@ -5,17 +5,22 @@
 //! (`deferred`), so they survive the statement's rollback and cost the
 //! reading transaction no transaction id, WAL or commit.
 //!
-//! Each watched statement gets a frame on a per-backend stack: pushed in
-//! ExecutorStart (or the utility hook), popped in ExecutorEnd. A frame still
-//! on the stack when its (sub)transaction aborts belongs to a statement
-//! that failed: its events are handed over then, from backend memory only.
+//! Each watched statement gets a frame in backend memory, pushed in
+//! ExecutorStart (or the utility hook). A frame ends in ExecutorEnd (the
+//! statement finished) or, failing that, when the memory its query lives in
+//! goes away (a reset callback): the statement failed or was cut short, and
+//! that is known without trusting any pointer into freed executor state.
+//! Entries are collected per outermost statement and queued when it ends,
+//! so a function reading a tracked table once per row fills one entry, not
+//! thousands.
 //!
 //! Needs `shared_preload_libraries` (hooks, shared memory, the writer).
 
 mod failures;
 mod reads;
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
+use std::ffi::CStr;
 
 use pgrx::pg_sys;
 use pgrx::prelude::*;
@@ -64,14 +69,25 @@ unsafe extern "C-unwind" {
 
 thread_local! {
     static FRAMES: RefCell<Vec<Frame>> = const { RefCell::new(Vec::new()) };
+    static NEXT_ID: Cell<u64> = const { Cell::new(1) };
+    /// Executor nesting of this backend, every statement counted.
+    static DEPTH: Cell<u32> = const { Cell::new(0) };
+    /// Entries of the outermost statement so far, queued when it ends.
+    static PENDING: RefCell<Vec<Entry>> = const { RefCell::new(Vec::new()) };
 }
+
+/// Pending entries beyond which they are queued without waiting for the
+/// outermost statement to end (bounds backend memory).
+const MAX_PENDING: usize = 64;
 
 /// One watched statement.
 struct Frame {
+    /// Shared by the frames of one query (a DML statement may read too).
+    id: u64,
     /// The executor's query, or null for a utility statement (COPY, TRUNCATE).
     query: *mut pg_sys::QueryDesc,
-    /// Transaction nesting level it runs at: a subtransaction's abort ends
-    /// only the frames at its level or deeper.
+    /// Transaction nesting level (utility frames): a subtransaction's abort
+    /// ends the utility frames at its level or deeper.
     level: i32,
     who: StatementContext,
     kind: Kind,
@@ -119,58 +135,115 @@ pub fn init(preloading: bool) {
 }
 
 /// Whether statements of this backend are watched now: not the extension's
-/// own queries, not a parallel worker (its leader watches), not a foreign
-/// key check (PostgreSQL's own lookup, marked by SECURITY_NOFORCE_RLS).
+/// own queries, not a parallel worker (its leader watches).
 fn watching() -> bool {
-    deferred::available()
-        && !store::in_own_query()
-        && unsafe { pg_sys::ParallelWorkerNumber } < 0
-        && !unsafe { pg_sys::InNoForceRLSOperation() }
+    deferred::available() && !store::in_own_query() && unsafe { pg_sys::ParallelWorkerNumber } < 0
 }
 
-fn push(frame: Frame) {
-    FRAMES.with(|f| f.borrow_mut().push(frame));
+/// A foreign key check: PostgreSQL's own `SELECT 1 FROM … FOR KEY SHARE`,
+/// run with SECURITY_NOFORCE_RLS, which only ri_triggers.c sets. Statements
+/// nested in a cascade (user triggers) are not skipped.
+unsafe fn is_foreign_key_check(query: *mut pg_sys::QueryDesc) -> bool {
+    pg_sys::InNoForceRLSOperation()
+        && !(*query).sourceText.is_null()
+        && CStr::from_ptr((*query).sourceText)
+            .to_bytes()
+            .starts_with(b"SELECT 1 FROM ")
 }
 
-/// Removes and returns the frame of `query` (null: the newest utility frame).
-fn pop(query: *mut pg_sys::QueryDesc) -> Option<Frame> {
+fn next_id() -> u64 {
+    NEXT_ID.with(|n| n.replace(n.get() + 1))
+}
+
+/// Removes and returns the frames matching `which`.
+fn take_frames(which: impl Fn(&Frame) -> bool) -> Vec<Frame> {
     FRAMES.with(|f| {
-        let mut frames = f.borrow_mut();
-        let i = frames.iter().rposition(|frame| frame.query == query)?;
-        Some(frames.remove(i))
+        let Ok(mut frames) = f.try_borrow_mut() else {
+            return Vec::new();
+        };
+        let (taken, kept) = frames.drain(..).partition(|frame| which(frame));
+        *frames = kept;
+        taken
     })
+}
+
+/// The entries of frames that ended: a read's events, a failed change's.
+fn entries_of(frames: Vec<Frame>, failed: bool) -> Vec<Entry> {
+    let mut entries = Vec::new();
+    for frame in frames {
+        match frame.kind {
+            Kind::Read(reading) => entries.extend(reading.entries(&frame.who)),
+            Kind::Change(change) if failed => entries.push(change.entry(&frame.who)),
+            // A change that got to ExecutorEnd succeeded: its events are the triggers'.
+            Kind::Change(_) => {}
+        }
+    }
+    entries
 }
 
 #[pg_guard]
 unsafe extern "C-unwind" fn executor_start(query: *mut pg_sys::QueryDesc, eflags: i32) {
+    DEPTH.with(|d| d.set(d.get() + 1));
     let explain_only = eflags & pg_sys::EXEC_FLAG_EXPLAIN_ONLY as i32 != 0;
     if !explain_only && watching() {
-        let stmt = (*query).plannedstmt;
-        let kind = match (*stmt).commandType {
-            pg_sys::CmdType::CMD_SELECT => match LOG_READS.get() {
-                LogReads::Off => None,
-                mode => reads::plan(stmt, mode == LogReads::Subject)
-                    .filter(|_| reads::recordable())
-                    .map(Kind::Read),
-            },
-            _ if !LOG_FAILURES.get() => None,
-            command => failures::plan(stmt, command).map(Kind::Change),
-        };
-        // Pushed before the executor starts: a permission error raised
-        // there fails the statement too.
-        if let Some(kind) = kind {
-            push(Frame {
-                query,
-                level: pg_sys::GetCurrentTransactionNestLevel(),
-                who: StatementContext::without_transaction(),
-                kind,
-            });
-        }
+        watch(query);
     }
     match PREVIOUS_START {
         Some(previous) => previous(query, eflags),
         None => standard_executor_start(query, eflags),
     }
+}
+
+/// Pushes the frames of a statement that reads or changes tracked tables,
+/// before its executor starts (a permission error raised there fails the
+/// statement too), and ties their end to the memory of the query.
+unsafe fn watch(query: *mut pg_sys::QueryDesc) {
+    let stmt = (*query).plannedstmt;
+    let command = (*stmt).commandType;
+    let select = command == pg_sys::CmdType::CMD_SELECT;
+    let reading = match LOG_READS.get() {
+        LogReads::Off => None,
+        _ if is_foreign_key_check(query) => None,
+        mode => reads::plan(stmt, select && mode == LogReads::Subject, !select),
+    }
+    .filter(|_| reads::recordable());
+    let change = if LOG_FAILURES.get() {
+        failures::plan(stmt, command)
+    } else {
+        None
+    };
+    if reading.is_none() && change.is_none() {
+        return;
+    }
+    let id = next_id();
+    let callback = pg_sys::palloc0(std::mem::size_of::<pg_sys::MemoryContextCallback>())
+        as *mut pg_sys::MemoryContextCallback;
+    (*callback).func = Some(on_query_memory_gone);
+    (*callback).arg = id as usize as *mut std::ffi::c_void;
+    pg_sys::MemoryContextRegisterResetCallback(pg_sys::CurrentMemoryContext, callback);
+    let level = pg_sys::GetCurrentTransactionNestLevel();
+    let who = StatementContext::without_transaction();
+    FRAMES.with(|f| {
+        let mut frames = f.borrow_mut();
+        if let Some(reading) = reading {
+            frames.push(Frame {
+                id,
+                query,
+                level,
+                who: who.clone(),
+                kind: Kind::Read(reading),
+            });
+        }
+        if let Some(change) = change {
+            frames.push(Frame {
+                id,
+                query,
+                level,
+                who,
+                kind: Kind::Change(change),
+            });
+        }
+    });
 }
 
 #[pg_guard]
@@ -185,30 +258,57 @@ unsafe extern "C-unwind" fn executor_run(
             .iter_mut()
             .rev()
             .find_map(|frame| match &mut frame.kind {
-                Kind::Read(reading) if frame.query == query => {
+                Kind::Read(reading) if frame.query == query && reading.taps() => {
                     Some(&mut **reading as *mut reads::Reading)
                 }
                 _ => None,
             })
     });
     let dest = (*query).dest;
-    if let Some(reading) = reading {
-        (*query).dest = reads::tap(reading, dest);
+    // EXPLAIN ANALYZE runs the query but sends no row anywhere (a portal's
+    // receiver is only known here, not in ExecutorStart).
+    let tap = match reading {
+        Some(reading) if !dest.is_null() && (*dest).mydest != pg_sys::CommandDest::DestNone => {
+            reads::tap(reading, dest)
+        }
+        _ => std::ptr::null_mut(),
+    };
+    if !tap.is_null() {
+        (*query).dest = tap;
     }
     match PREVIOUS_RUN {
         Some(previous) => previous(query, direction, count, execute_once),
         None => standard_executor_run(query, direction, count, execute_once),
     }
-    (*query).dest = dest;
+    if !tap.is_null() {
+        (*query).dest = dest;
+        pg_sys::pfree(tap.cast());
+    }
 }
 
 #[pg_guard]
 unsafe extern "C-unwind" fn executor_end(query: *mut pg_sys::QueryDesc) {
-    if let Some(frame) = pop(query) {
-        if let Kind::Read(reading) = frame.kind {
-            hand_over(reading.entries(&frame.who), true);
+    let mut ended = take_frames(|frame| frame.query == query);
+    if !ended.is_empty() {
+        // Rows a DML statement read from other tables: as many as it processed.
+        let processed = if (*query).estate.is_null() {
+            0
+        } else {
+            (*(*query).estate).es_processed
+        };
+        for frame in &mut ended {
+            if let Kind::Read(reading) = &mut frame.kind {
+                reading.finish(processed);
+            }
         }
-        // A change that got here succeeded: its events are the triggers'.
+        collect(entries_of(ended, false));
+    }
+    let depth = DEPTH.with(|d| {
+        d.set(d.get().saturating_sub(1));
+        d.get()
+    });
+    if depth == 0 {
+        flush(true);
     }
     match PREVIOUS_END {
         Some(previous) => previous(query),
@@ -216,54 +316,100 @@ unsafe extern "C-unwind" fn executor_end(query: *mut pg_sys::QueryDesc) {
     }
 }
 
-/// Starts watching a utility statement that changes tracked tables (COPY
-/// FROM, TRUNCATE), for the utility hook; `finish_utility` when it succeeded.
+/// The memory a watched query lived in is going away. Frames still there
+/// never reached ExecutorEnd: the statement failed (or, for a read, was cut
+/// short). Runs during aborts: must not raise.
+#[pg_guard]
+unsafe extern "C-unwind" fn on_query_memory_gone(arg: *mut std::ffi::c_void) {
+    let id = arg as usize as u64;
+    let ended = take_frames(|frame| frame.id == id);
+    if !ended.is_empty() {
+        collect(entries_of(ended, true));
+        flush(false);
+    }
+}
+
+/// Starts watching a utility statement on tracked tables: COPY FROM and
+/// TRUNCATE (their failures), COPY TO (a statement-level read, refused
+/// before it streams anything where it cannot be recorded). The utility
+/// hook calls `finish_utility` when it succeeded.
 ///
 /// # Safety
 /// `node` must be a valid parse tree node.
 pub unsafe fn start_utility(node: *mut pg_sys::Node) -> bool {
-    if !watching() || !LOG_FAILURES.get() {
+    if !watching() {
         return false;
     }
-    let Some(change) = failures::plan_utility(node) else {
+    let kind = match reads::plan_copy_to(node) {
+        Some(reading) if LOG_READS.get() != LogReads::Off && reads::recordable() => {
+            Some(Kind::Read(reading))
+        }
+        Some(_) => None,
+        None if LOG_FAILURES.get() => failures::plan_utility(node).map(Kind::Change),
+        None => None,
+    };
+    let Some(kind) = kind else {
         return false;
     };
-    push(Frame {
+    // Built before FRAMES is borrowed: it may run a query (client address).
+    let frame = Frame {
+        id: next_id(),
         query: std::ptr::null_mut(),
         level: pg_sys::GetCurrentTransactionNestLevel(),
         who: StatementContext::without_transaction(),
-        kind: Kind::Change(change),
-    });
+        kind,
+    };
+    FRAMES.with(|f| f.borrow_mut().push(frame));
     true
 }
 
-pub fn finish_utility() {
-    pop(std::ptr::null_mut());
+/// The watched utility statement succeeded, having processed `rows`.
+pub fn finish_utility(rows: u64) {
+    let mut frames = FRAMES.with(|f| {
+        let mut frames = f.borrow_mut();
+        let last = frames.iter().rposition(|frame| frame.query.is_null());
+        last.map(|i| vec![frames.remove(i)]).unwrap_or_default()
+    });
+    for frame in &mut frames {
+        if let Kind::Read(reading) = &mut frame.kind {
+            reading.finish(rows);
+        }
+    }
+    collect(entries_of(frames, false));
+    if DEPTH.with(Cell::get) == 0 {
+        flush(true);
+    }
 }
 
-/// Records a finished `COPY table TO …` of a tracked table as a
-/// statement-level read (it bypasses the executor; `pg_dump` reads this way).
-///
-/// # Safety
-/// `node` must be a valid parse tree node, `completion` the statement's (or null).
-pub unsafe fn copied_out(node: *mut pg_sys::Node, completion: *mut pg_sys::QueryCompletion) {
-    if !watching()
-        || LOG_READS.get() == LogReads::Off
-        || (*node).type_ != pg_sys::NodeTag::T_CopyStmt
-    {
-        return;
+/// Adds entries to the pending ones, merging those that differ only in
+/// their subjects (the same read, repeated by a function per row).
+fn collect(entries: Vec<Entry>) {
+    let full = PENDING.with(|p| {
+        let Ok(mut pending) = p.try_borrow_mut() else {
+            return false;
+        };
+        for entry in entries {
+            match pending.iter_mut().find(|p| p.same_but_subjects(&entry)) {
+                Some(p) if !entry.subjects.is_empty() && !p.subjects.is_empty() => {
+                    p.subjects.extend(entry.subjects);
+                    p.subjects.sort_unstable();
+                    p.subjects.dedup();
+                }
+                _ => pending.push(entry),
+            }
+        }
+        pending.len() > MAX_PENDING
+    });
+    if full {
+        flush(false);
     }
-    let copy = node as *mut pg_sys::CopyStmt;
-    if (*copy).is_from || (*copy).relation.is_null() || !reads::recordable() {
-        return;
-    }
-    let rows = if completion.is_null() {
-        0
-    } else {
-        (*completion).nprocessed
-    };
-    if let Some(entry) = reads::copy_entry(copy, rows, &StatementContext::without_transaction()) {
-        hand_over(vec![entry], true);
+}
+
+/// Queues the pending entries.
+fn flush(may_wait: bool) {
+    let entries = PENDING.with(|p| p.try_borrow_mut().map(|mut p| std::mem::take(&mut *p)));
+    if let Ok(entries) = entries {
+        hand_over(entries, may_wait);
     }
 }
 
@@ -274,7 +420,7 @@ fn hand_over(entries: Vec<Entry>, may_wait: bool) {
     if entries.is_empty() {
         return;
     }
-    let dropped: usize = entries
+    let dropped: u64 = entries
         .iter()
         .map(|entry| deferred::hand_over(entry, may_wait))
         .sum();
@@ -288,37 +434,25 @@ fn hand_over(entries: Vec<Entry>, may_wait: bool) {
     }
 }
 
-/// Frames left at `level` or deeper when it aborts are statements that
-/// failed (or reads cut short): their events go to the writer now.
-fn abort_frames(level: i32) {
-    let ended: Vec<Frame> = FRAMES.with(|f| {
-        let Ok(mut frames) = f.try_borrow_mut() else {
-            return Vec::new();
-        };
-        let (ended, kept) = frames.drain(..).partition(|frame| frame.level >= level);
-        *frames = kept;
-        ended
-    });
-    let mut entries = Vec::new();
-    for frame in ended {
-        match frame.kind {
-            Kind::Read(reading) => entries.extend(reading.entries(&frame.who)),
-            Kind::Change(change) => entries.push(change.entry(&frame.who)),
-        }
-    }
-    hand_over(entries, false);
-}
-
 #[pg_guard]
 unsafe extern "C-unwind" fn on_transaction(
     event: pg_sys::XactEvent::Type,
     _arg: *mut std::ffi::c_void,
 ) {
     match event {
-        pg_sys::XactEvent::XACT_EVENT_ABORT => abort_frames(0),
-        // Nothing is left at commit but what never reached ExecutorEnd.
+        // Before the commit, where waiting (and so an error) is still allowed.
+        pg_sys::XactEvent::XACT_EVENT_PRE_COMMIT | pg_sys::XactEvent::XACT_EVENT_PRE_PREPARE => {
+            flush(true)
+        }
+        pg_sys::XactEvent::XACT_EVENT_ABORT => {
+            // Utility statements have no executor memory to tell us.
+            collect(entries_of(take_frames(|frame| frame.query.is_null()), true));
+            flush(false);
+            DEPTH.with(|d| d.set(0));
+        }
         pg_sys::XactEvent::XACT_EVENT_COMMIT | pg_sys::XactEvent::XACT_EVENT_PREPARE => {
-            FRAMES.with(|f| f.borrow_mut().clear())
+            flush(false);
+            DEPTH.with(|d| d.set(0));
         }
         _ => {}
     }
@@ -331,8 +465,22 @@ unsafe extern "C-unwind" fn on_subtransaction(
     _parent: pg_sys::SubTransactionId,
     _arg: *mut std::ffi::c_void,
 ) {
-    if event == pg_sys::SubXactEvent::SUBXACT_EVENT_ABORT_SUB {
-        abort_frames(pg_sys::GetCurrentTransactionNestLevel());
+    let level = pg_sys::GetCurrentTransactionNestLevel();
+    match event {
+        pg_sys::SubXactEvent::SUBXACT_EVENT_ABORT_SUB => {
+            let ended = take_frames(|frame| frame.query.is_null() && frame.level >= level);
+            collect(entries_of(ended, true));
+            flush(false);
+        }
+        // A utility frame of a released savepoint now belongs to its parent.
+        pg_sys::SubXactEvent::SUBXACT_EVENT_COMMIT_SUB => FRAMES.with(|f| {
+            if let Ok(mut frames) = f.try_borrow_mut() {
+                for frame in frames.iter_mut().filter(|frame| frame.level >= level) {
+                    frame.level = level - 1;
+                }
+            }
+        }),
+        _ => {}
     }
 }
 

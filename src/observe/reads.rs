@@ -23,9 +23,15 @@ const MAX_SUBJECTS: usize = 100_000;
 
 /// What one query read from tracked tables so far.
 pub struct Reading {
+    /// `select` or `copy`, for the title.
+    verb: &'static str,
     tables: Vec<ReadTable>,
-    /// Rows handed to the receiver.
+    /// Rows handed to the receiver (a SELECT), or processed (DML, COPY).
     rows: u64,
+    /// Whether rows are counted by the receiver tap (a SELECT).
+    tapped: bool,
+    /// It ended normally (else it was cut short by an error).
+    finished: bool,
 }
 
 struct ReadTable {
@@ -41,41 +47,53 @@ struct ReadTable {
     not_itemized: u64,
 }
 
-/// What a SELECT reads of tracked tables, or None if nothing.
+/// What a statement reads of tracked tables, or None if nothing: a SELECT
+/// (per subject where it returns the subject column, with `per_subject`),
+/// or the tables a DML statement reads besides the ones it changes (its
+/// own target's rows are in its change events).
 ///
 /// # Safety
 /// `stmt` must be the plan the executor is starting.
-pub unsafe fn plan(stmt: *mut pg_sys::PlannedStmt, per_subject: bool) -> Option<Box<Reading>> {
+pub unsafe fn plan(
+    stmt: *mut pg_sys::PlannedStmt,
+    per_subject: bool,
+    dml: bool,
+) -> Option<Box<Reading>> {
+    let results: Vec<i32> = int_items((*stmt).resultRelations);
     let mut tables: Vec<ReadTable> = Vec::new();
-    for rte in super::list_items((*stmt).rtable) {
+    for (index, rte) in super::list_items((*stmt).rtable).into_iter().enumerate() {
         let rte = rte as *mut pg_sys::RangeTblEntry;
         if (*rte).rtekind != pg_sys::RTEKind::RTE_RELATION
             || (*rte).requiredPerms & pg_sys::ACL_SELECT as pg_sys::AclMode == 0
+            || (dml && results.contains(&(index as i32 + 1)))
         {
             continue;
         }
         let relid = (*rte).relid;
-        let selected = selected_columns(relid, (*rte).selectedCols);
-        if let Some(table) = tables.iter_mut().find(|t| t.relid == relid) {
-            for column in selected {
-                if !table.selected.contains(&column) {
-                    table.selected.push(column);
-                }
+        let known = tables.iter().position(|t| t.relid == relid);
+        let table = match known {
+            Some(i) => &mut tables[i],
+            None => {
+                let Some(meta) = capture::tracked_table(relid) else {
+                    continue;
+                };
+                tables.push(ReadTable {
+                    relid,
+                    meta,
+                    selected: Vec::new(),
+                    returned: Vec::new(),
+                    subject_outputs: Vec::new(),
+                    subjects: HashSet::new(),
+                    not_itemized: 0,
+                });
+                tables.last_mut().expect("just pushed")
             }
-            continue;
-        }
-        let Some(meta) = capture::tracked_table(relid) else {
-            continue;
         };
-        tables.push(ReadTable {
-            relid,
-            meta,
-            selected,
-            returned: Vec::new(),
-            subject_outputs: Vec::new(),
-            subjects: HashSet::new(),
-            not_itemized: 0,
-        });
+        for column in selected_columns(relid, (*rte).selectedCols) {
+            if !table.selected.contains(&column) {
+                table.selected.push(column);
+            }
+        }
     }
     if tables.is_empty() {
         return None;
@@ -100,7 +118,77 @@ pub unsafe fn plan(stmt: *mut pg_sys::PlannedStmt, per_subject: bool) -> Option<
             }
         }
     }
-    Some(Box::new(Reading { tables, rows: 0 }))
+    Some(Box::new(Reading {
+        verb: "select",
+        tables,
+        rows: 0,
+        tapped: !dml,
+        finished: false,
+    }))
+}
+
+/// What `COPY table TO …` reads, if the table is tracked: a statement-level
+/// read (COPY bypasses the executor; `pg_dump` reads this way).
+///
+/// # Safety
+/// `node` must be a valid parse tree node.
+pub unsafe fn plan_copy_to(node: *mut pg_sys::Node) -> Option<Box<Reading>> {
+    if (*node).type_ != pg_sys::NodeTag::T_CopyStmt {
+        return None;
+    }
+    let copy = node as *mut pg_sys::CopyStmt;
+    if (*copy).is_from || (*copy).relation.is_null() {
+        return None;
+    }
+    let relid = pg_sys::RangeVarGetRelidExtended(
+        (*copy).relation,
+        pg_sys::NoLock as i32,
+        pg_sys::RVROption::RVR_MISSING_OK,
+        None,
+        std::ptr::null_mut(),
+    );
+    if relid == pg_sys::InvalidOid {
+        return None;
+    }
+    let meta = capture::tracked_table(relid)?;
+    let named: Vec<String> = super::list_items((*copy).attlist)
+        .into_iter()
+        .map(|n| {
+            CStr::from_ptr((*n.cast::<pg_sys::String>()).sval)
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect();
+    let selected = if named.is_empty() {
+        all_columns(relid)
+    } else {
+        named
+    };
+    Some(Box::new(Reading {
+        verb: "copy",
+        tables: vec![ReadTable {
+            relid,
+            meta,
+            selected,
+            returned: Vec::new(),
+            subject_outputs: Vec::new(),
+            subjects: HashSet::new(),
+            not_itemized: 0,
+        }],
+        rows: 0,
+        tapped: false,
+        finished: false,
+    }))
+}
+
+/// The integers of an integer `List`.
+unsafe fn int_items(list: *mut pg_sys::List) -> Vec<i32> {
+    if list.is_null() {
+        return Vec::new();
+    }
+    (0..(*list).length as usize)
+        .map(|i| (*(*list).elements.add(i)).int_value)
+        .collect()
 }
 
 /// The names of the columns in a `selectedCols` set (all for a whole-row reference).
@@ -129,48 +217,6 @@ unsafe fn column_name(relid: pg_sys::Oid, attnum: i16) -> Option<String> {
     }
     let name = pg_sys::get_attname(relid, attnum, true);
     (!name.is_null()).then(|| CStr::from_ptr(name).to_string_lossy().into_owned())
-}
-
-/// The statement-level read event of a `COPY table TO`, if the table is tracked.
-///
-/// # Safety
-/// `copy` must be a valid `CopyStmt` with a relation.
-pub unsafe fn copy_entry(
-    copy: *mut pg_sys::CopyStmt,
-    rows: u64,
-    who: &StatementContext,
-) -> Option<Entry> {
-    let relid = pg_sys::RangeVarGetRelidExtended(
-        (*copy).relation,
-        pg_sys::NoLock as i32,
-        pg_sys::RVROption::RVR_MISSING_OK,
-        None,
-        std::ptr::null_mut(),
-    );
-    if relid == pg_sys::InvalidOid {
-        return None;
-    }
-    let meta = capture::tracked_table(relid)?;
-    let named: Vec<String> = super::list_items((*copy).attlist)
-        .into_iter()
-        .map(|n| {
-            CStr::from_ptr((*n.cast::<pg_sys::String>()).sval)
-                .to_string_lossy()
-                .into_owned()
-        })
-        .collect();
-    let columns = if named.is_empty() {
-        all_columns(relid)
-    } else {
-        named
-    };
-    Some(Entry {
-        operation: "READ".into(),
-        title: format!("copy {}: {}", meta.name, row_count(rows)),
-        table_name: meta.name.clone(),
-        columns,
-        ..super::entry_for(who)
-    })
 }
 
 fn row_count(rows: u64) -> String {
@@ -224,6 +270,19 @@ pub fn recordable() -> bool {
 }
 
 impl Reading {
+    /// Whether its rows are counted (and subjects noted) by a receiver tap.
+    pub fn taps(&self) -> bool {
+        self.tapped
+    }
+
+    /// It ended normally; `processed` is the row count where no tap counted.
+    pub fn finish(&mut self, processed: u64) {
+        if !self.tapped {
+            self.rows = processed;
+        }
+        self.finished = true;
+    }
+
     /// The events of what was read: per subject, or per statement and table.
     pub fn entries(&self, who: &StatementContext) -> Vec<Entry> {
         let mut entries = Vec::new();
@@ -238,8 +297,14 @@ impl Reading {
             };
             let name = &table.meta.name;
             if table.subject_outputs.is_empty() {
+                // Rows a tap counted were sent, even if the statement failed later.
+                let rows = if self.finished || self.tapped {
+                    row_count(self.rows)
+                } else {
+                    "cut short".to_owned()
+                };
                 entries.push(entry(
-                    format!("select {name}: {}", row_count(self.rows)),
+                    format!("{} {name}: {rows}", self.verb),
                     &table.selected,
                     Vec::new(),
                 ));

@@ -7,6 +7,7 @@ use pgrx::prelude::*;
 
 use crate::store;
 
+#[derive(Clone)]
 pub struct StatementContext {
     pub at: i64,
     pub txid: u64,

@@ -131,8 +131,8 @@ unsafe extern "C-unwind" fn process_utility(
     } else {
         None
     };
-    // COPY FROM and TRUNCATE of a tracked table: if they fail, the failure
-    // is recorded (the executor hooks watch every other change).
+    // COPY and TRUNCATE of a tracked table bypass the executor hooks: COPY TO
+    // is a read, a failing COPY FROM or TRUNCATE a failed change.
     let watched = !node.is_null()
         && matches!(
             (*node).type_,
@@ -167,10 +167,12 @@ unsafe extern "C-unwind" fn process_utility(
     }
     let (setting, tracked_before, gaps_before, partition) = *Box::from_raw(before);
     if watched {
-        observe::finish_utility();
-    }
-    if !node.is_null() && (*node).type_ == pg_sys::NodeTag::T_CopyStmt {
-        observe::copied_out(node, completion);
+        let rows = if completion.is_null() {
+            0
+        } else {
+            (*completion).nprocessed
+        };
+        observe::finish_utility(rows);
     }
     // Checked again: the statement may have been DROP EXTENSION.
     if !installed || !extension_installed() {
