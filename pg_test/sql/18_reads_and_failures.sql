@@ -79,14 +79,17 @@ SELECT next_mark();
 -- 2b. Reads inside other statements.
 CREATE TABLE copy_of (token text);
 CREATE FUNCTION token_of(int) RETURNS text LANGUAGE sql STABLE AS $$ SELECT token FROM customers WHERE id = $1 $$;
+CREATE FUNCTION email_of(int) RETURNS text LANGUAGE sql STABLE AS $$ SELECT email FROM customers WHERE id = $1 $$;
 \c - postgres
 GRANT ALL ON copy_of TO r18_app;
-GRANT EXECUTE ON FUNCTION token_of(int) TO r18_app;
+GRANT EXECUTE ON FUNCTION token_of(int), email_of(int) TO r18_app;
 \c - r18_app
 -- INSERT … SELECT reads customers: statement-level, with the rows it processed.
 INSERT INTO copy_of SELECT token FROM customers WHERE id < 3;
--- A function reading once per row: one event per subject for the whole statement.
+-- A function reading once per row: one event per subject for the whole statement;
+-- without the subject column, one statement-level event with the rows added up.
 SELECT token_of(id) FROM generate_series(1, 3) AS id;
+SELECT email_of(id) FROM generate_series(1, 3) AS id;
 -- A cursor opened in a savepoint that is released, fetched across another
 -- savepoint rolled back, then closed: every row it returned.
 BEGIN;
@@ -182,6 +185,15 @@ RESET statement_timeout;
 DO $$ BEGIN
     INSERT INTO customers VALUES (7, 'c-7', 'bob@example.com', NULL);
 EXCEPTION WHEN unique_violation THEN RAISE NOTICE 'caught';
+END $$;
+-- A loop catching failures (an upsert pattern): each subject recorded.
+DO $$ BEGIN
+    FOR i IN 20..21 LOOP
+        BEGIN
+            INSERT INTO customers VALUES (i, 'c-' || i, 'bob@example.com', NULL);
+        EXCEPTION WHEN unique_violation THEN NULL;
+        END;
+    END LOOP;
 END $$;
 -- A failed COPY.
 COPY customers FROM stdin;

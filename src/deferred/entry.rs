@@ -2,13 +2,14 @@
 //! not yet encrypted, as a flat byte string that fits a queue slot.
 //!
 //! ```text
-//! u8 version | u8 flags (bit 0: failed) | i64 at | strings ... | varint subject count | subjects
+//! u8 version | u8 flags (bit 0: failed, bit 1: rows) | i64 at | [varint rows] | strings ... | varint subject count | subjects
 //! string: varint length + 1 (0 = none), bytes
 //! ```
 //! Pure Rust, so the codec is tested without PostgreSQL.
 
 const VERSION: u8 = 1;
 const FAILED: u8 = 1;
+const ROWS: u8 = 2;
 
 /// One statement's events for the background writer to record.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -21,6 +22,9 @@ pub struct Entry {
     pub operation: String,
     /// Plain metadata: `select public.customers`, never a value.
     pub title: String,
+    /// Rows a statement-level read returned or processed: the title gets
+    /// `: N rows`. Counted reads of one statement merge by adding them.
+    pub rows: Option<u64>,
     pub table_name: String,
     /// Columns read (a read) or touched (a failed change); names only.
     pub columns: Vec<String>,
@@ -63,6 +67,7 @@ impl Entry {
     /// can travel as one entry.
     pub fn same_but_subjects(&self, other: &Entry) -> bool {
         self.failed == other.failed
+            && self.rows.is_some() == other.rows.is_some()
             && self.at == other.at
             && self.operation == other.operation
             && self.title == other.title
@@ -80,7 +85,7 @@ impl Entry {
 
     /// Cuts the free-text fields and the column list to their limits, so
     /// the rest of an entry always fits a slot beside its subjects.
-    fn bounded(&self) -> Entry {
+    fn bounded_head(&self) -> Entry {
         let cut = |s: &str| -> String {
             let mut end = s.len().min(MAX_TEXT);
             while !s.is_char_boundary(end) {
@@ -104,15 +109,34 @@ impl Entry {
             application_name: self.application_name.as_deref().map(cut),
             client_addr: self.client_addr.as_deref().map(cut),
             reason: self.reason.as_deref().map(cut),
-            ..self.clone()
+            failed: self.failed,
+            at: self.at,
+            operation: self.operation.clone(),
+            rows: self.rows,
+            message: self.message.clone(),
+            subjects: Vec::new(),
+        }
+    }
+
+    /// The title with the row count, if any: `select public.customers: 3 rows`.
+    pub fn full_title(&self) -> String {
+        match self.rows {
+            None => self.title.clone(),
+            Some(1) => format!("{}: 1 row", self.title),
+            Some(n) => format!("{}: {n} rows", self.title),
         }
     }
 
     /// The encoding without the subjects, which `split` spreads over entries.
     fn encode_head(&self, out: &mut Vec<u8>) {
         out.push(VERSION);
-        out.push(if self.failed { FAILED } else { 0 });
+        let flags =
+            if self.failed { FAILED } else { 0 } | if self.rows.is_some() { ROWS } else { 0 };
+        out.push(flags);
         out.extend_from_slice(&self.at.to_le_bytes());
+        if let Some(rows) = self.rows {
+            put_varint(out, rows);
+        }
         for s in [&self.operation, &self.title, &self.table_name] {
             put(out, Some(s.as_bytes()));
         }
@@ -148,7 +172,7 @@ impl Entry {
     /// boundary, a subject value never (it would be another person): such a
     /// value is left out, and counted in the second item.
     pub fn split(&self, limit: usize) -> (Vec<Part>, usize) {
-        let mut entry = self.bounded();
+        let mut entry = self.bounded_head();
         let mut head = Vec::new();
         entry.encode_head(&mut head);
         // Room for the subject count and at least one subject.
@@ -203,8 +227,14 @@ impl Entry {
         if version != VERSION {
             return Err(DecodeError::Version(version));
         }
-        let failed = r.byte()? & FAILED != 0;
+        let flags = r.byte()?;
+        let failed = flags & FAILED != 0;
         let at = i64::from_le_bytes(r.take(8)?.try_into().expect("8 bytes"));
+        let rows = if flags & ROWS != 0 {
+            Some(r.varint()?)
+        } else {
+            None
+        };
         let operation = r.string()?.unwrap_or_default();
         let title = r.string()?.unwrap_or_default();
         let table_name = r.string()?.unwrap_or_default();
@@ -230,6 +260,7 @@ impl Entry {
             at,
             operation,
             title,
+            rows,
             table_name,
             columns,
             sqlstate,
@@ -333,6 +364,7 @@ mod tests {
             at: 123_456_789,
             operation: "INSERT".into(),
             title: "insert public.customers".into(),
+            rows: None,
             table_name: "public.customers".into(),
             columns: vec!["email".into(), "name".into()],
             sqlstate: Some("23505".into()),
@@ -353,6 +385,12 @@ mod tests {
         assert_eq!(Entry::decode(&entry.encode()), Ok(entry));
         let empty = Entry::default();
         assert_eq!(Entry::decode(&empty.encode()), Ok(empty));
+        let counted = Entry {
+            rows: Some(300),
+            ..sample()
+        };
+        assert_eq!(Entry::decode(&counted.encode()), Ok(counted.clone()));
+        assert_eq!(counted.full_title(), "insert public.customers: 300 rows");
     }
 
     #[test]

@@ -10,6 +10,7 @@ mod queue;
 mod writer;
 
 pub use entry::Entry;
+use entry::Part;
 
 use std::time::{Duration, Instant};
 
@@ -29,31 +30,59 @@ pub fn available() -> bool {
     queue::available()
 }
 
-/// Hands `entry` to this database's writer; returns how many of its events
-/// were dropped (counted, and recorded in the admin trail by the writer).
-/// With `may_wait`, a full queue is waited on while the writer makes room
-/// (back-pressure, given up after two seconds without progress); an
-/// aborting transaction must not wait.
-pub fn hand_over(entry: &Entry, may_wait: bool) -> u64 {
+/// Hands `entries` to this database's writer; returns how many of their
+/// events were dropped (counted, and recorded in the admin trail by the
+/// writer). With `may_wait`, a full queue is waited on while the writer
+/// makes room (back-pressure, given up after two seconds without progress,
+/// for the whole call); an aborting transaction must not wait.
+pub fn hand_over(entries: &[Entry], may_wait: bool) -> u64 {
     let database = unsafe { pg_sys::MyDatabaseId };
-    let (parts, left_out) = entry.split(queue::SLOT_BYTES);
-    let mut dropped = left_out as u64;
-    let mut pending = &parts[..];
+    let mut parts = Vec::new();
+    let mut left_out = 0;
+    for entry in entries {
+        let (p, l) = entry.split(queue::SLOT_BYTES);
+        parts.extend(p);
+        left_out += l as u64;
+    }
+    /// Counts whatever was not queued, also when a cancel ends the wait.
+    struct NotQueued<'a> {
+        database: pg_sys::Oid,
+        parts: &'a [Part],
+        left_out: u64,
+    }
+    impl NotQueued<'_> {
+        fn events(&self) -> u64 {
+            self.left_out + self.parts.iter().map(|p| p.events).sum::<u64>()
+        }
+    }
+    impl Drop for NotQueued<'_> {
+        fn drop(&mut self) {
+            queue::count_dropped(self.database, self.events());
+        }
+    }
+    let mut rest = NotQueued {
+        database,
+        parts: &parts,
+        left_out,
+    };
     let mut since_progress = Instant::now();
+    let mut waiting = may_wait;
     loop {
-        let stored = queue::push(database, pending);
+        let stored = queue::push(database, rest.parts);
         if stored > 0 {
             since_progress = Instant::now();
         }
-        pending = &pending[stored..];
-        if pending.is_empty() || !may_wait || since_progress.elapsed() >= BACK_PRESSURE {
+        rest.parts = &rest.parts[stored..];
+        if rest.parts.is_empty() || !waiting {
             break;
+        }
+        if since_progress.elapsed() >= BACK_PRESSURE {
+            waiting = false;
+            continue;
         }
         sleep_briefly();
     }
-    dropped += pending.iter().map(|p| p.events).sum::<u64>();
-    queue::count_dropped(database, dropped);
-    dropped
+    rest.events()
 }
 
 /// Waits until the writer has taken care of every entry of this database

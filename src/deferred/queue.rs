@@ -52,6 +52,9 @@ struct Database {
     /// The attached writer, null when none runs.
     writer: *mut pg_sys::PGPROC,
     failed_launches: u32,
+    /// No writer could connect (the database is gone, or refuses
+    /// connections): its slot may be reused, unreported drops and all.
+    unreachable: bool,
     written: u64,
     dropped: u64,
     /// Drops already recorded in this database's admin trail.
@@ -146,16 +149,22 @@ impl Shared {
                     .filter(|s| s.state != FREE)
                     .map(|s| s.database)
                     .collect();
-                let i = self.databases.iter().position(|d| {
-                    d.oid == pg_sys::InvalidOid
-                        || (d.writer.is_null()
-                            && d.dropped == d.reported
-                            && !in_use.contains(&d.oid))
+                let empty = self
+                    .databases
+                    .iter()
+                    .position(|d| d.oid == pg_sys::InvalidOid);
+                let i = empty.or_else(|| {
+                    self.databases.iter().position(|d| {
+                        d.writer.is_null()
+                            && (d.dropped == d.reported || d.unreachable)
+                            && !in_use.contains(&d.oid)
+                    })
                 })?;
                 self.databases[i] = Database {
                     oid,
                     writer: null_mut(),
                     failed_launches: 0,
+                    unreachable: false,
                     written: 0,
                     dropped: 0,
                     reported: 0,
@@ -255,7 +264,8 @@ pub fn attach_launcher() {
 pub fn databases_waiting() -> Vec<pg_sys::Oid> {
     locked(|shared| {
         let mut waiting: Vec<pg_sys::Oid> = Vec::new();
-        for slot in shared.slots.iter().filter(|s| s.state == FILLED) {
+        // Taken too: a writer that ended with some taken left them behind.
+        for slot in shared.slots.iter().filter(|s| s.state != FREE) {
             if !waiting.contains(&slot.database) {
                 waiting.push(slot.database);
             }
@@ -275,13 +285,13 @@ pub fn databases_waiting() -> Vec<pg_sys::Oid> {
 /// unreachable (dropped, or not accepting connections): its entries are
 /// dropped and counted, and false is returned.
 pub fn count_launch(database: pg_sys::Oid) -> bool {
-    locked(|shared| {
+    let gave_up = locked(|shared| {
         let launches = shared.database(database).map(|d| {
             d.failed_launches += 1;
             d.failed_launches
         });
         if launches.is_some_and(|n| n <= MAX_FAILED_LAUNCHES) {
-            return true;
+            return None;
         }
         let mut events = 0;
         for i in 0..SLOTS {
@@ -291,11 +301,24 @@ pub fn count_launch(database: pg_sys::Oid) -> bool {
             }
         }
         shared.count_dropped(database, events);
+        // Recorded in its trail if a writer runs there again before the
+        // slot is reused; said in the server log in any case.
         if let Some(d) = shared.database(database) {
             d.failed_launches = 0;
+            d.unreachable = true;
         }
-        false
-    })
+        Some(events)
+    });
+    match gave_up {
+        None => true,
+        Some(events) => {
+            pgrx::log!(
+                "pg_subject_audit launcher: no writer could connect to database {}: {events} queued events dropped",
+                database.to_u32()
+            );
+            false
+        }
+    }
 }
 
 /// The writer of `database` attaches; false if another one already is.
@@ -310,6 +333,7 @@ pub fn attach_writer(database: pg_sys::Oid) -> bool {
         }
         d.writer = unsafe { pg_sys::MyProc };
         d.failed_launches = 0;
+        d.unreachable = false;
         for slot in shared.slots.iter_mut() {
             if slot.database == database && slot.state == TAKEN {
                 slot.state = FILLED;
@@ -350,8 +374,8 @@ fn detach(shared: &mut Shared, database: pg_sys::Oid) {
 }
 
 /// Takes up to `max` waiting entries of `database` that are due, oldest
-/// first: (slot, bytes).
-pub fn take(database: pg_sys::Oid, max: usize) -> Vec<(usize, Vec<u8>)> {
+/// first: (slot, bytes, times it was put back).
+pub fn take(database: pg_sys::Oid, max: usize) -> Vec<(usize, Vec<u8>, u32)> {
     let now = now();
     locked(|shared| {
         let mut waiting: Vec<(u64, usize)> = shared
@@ -368,7 +392,7 @@ pub fn take(database: pg_sys::Oid, max: usize) -> Vec<(usize, Vec<u8>)> {
             .map(|(_, i)| {
                 shared.slots[i].state = TAKEN;
                 let len = shared.slots[i].len as usize;
-                (i, shared.data[i][..len].to_vec())
+                (i, shared.data[i][..len].to_vec(), shared.slots[i].attempts)
             })
             .collect()
     })

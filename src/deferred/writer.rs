@@ -75,6 +75,9 @@ pub extern "C-unwind" fn pg_subject_audit_launcher_main(_arg: pg_sys::Datum) {
             }
         }
     }
+    // A non-zero exit: if this was pg_terminate_backend and not a shutdown,
+    // the postmaster starts the launcher again.
+    unsafe { pg_sys::proc_exit(1) };
 }
 
 #[pg_guard]
@@ -137,13 +140,23 @@ unsafe extern "C-unwind" fn detach_on_exit(_code: i32, database: pg_sys::Datum) 
 /// Records the taken entries in one transaction; if that fails, one by one,
 /// so a bad entry costs only itself: dropped and counted, or, if it waited
 /// on another transaction's lock, retried later.
-fn write(database: pg_sys::Oid, taken: Vec<(usize, Vec<u8>)>) {
-    let (slots, bytes): (Vec<usize>, Vec<Vec<u8>>) = taken.into_iter().unzip();
-    if in_transaction(|| record(&bytes)) == Outcome::Done {
-        queue::release(database, &slots, true);
-        return;
+fn write(database: pg_sys::Oid, taken: Vec<(usize, Vec<u8>, u32)>) {
+    // Entries that already waited on a lock go alone, so they cannot hold
+    // up the others again.
+    let (retried, fresh): (Vec<_>, Vec<_>) = taken.into_iter().partition(|(_, _, n)| *n > 0);
+    let (slots, bytes): (Vec<usize>, Vec<Vec<u8>>) =
+        fresh.into_iter().map(|(slot, b, _)| (slot, b)).unzip();
+    let (mut single_slots, mut single_bytes): (Vec<usize>, Vec<Vec<u8>>) =
+        retried.into_iter().map(|(slot, b, _)| (slot, b)).unzip();
+    if !bytes.is_empty() {
+        if in_transaction(|| record(&bytes)) == Outcome::Done {
+            queue::release(database, &slots, true);
+        } else {
+            single_slots.extend(slots);
+            single_bytes.extend(bytes);
+        }
     }
-    for (slot, b) in slots.iter().zip(&bytes) {
+    for (slot, b) in single_slots.iter().zip(&single_bytes) {
         match in_transaction(|| record(std::slice::from_ref(b))) {
             Outcome::Done => queue::release(database, &[*slot], true),
             Outcome::LockBusy => queue::retry_later(database, *slot),
@@ -270,13 +283,15 @@ fn record(encoded: &[Vec<u8>]) {
             })
         })
         .collect();
+    let titles: Vec<String> = entries.iter().map(Entry::full_title).collect();
     let headers: Vec<Header> = entries
         .iter()
-        .map(|entry| Header {
+        .zip(&titles)
+        .map(|(entry, title)| Header {
             operation: &entry.operation,
             status: if entry.failed { "error" } else { "ok" },
             sqlstate: entry.sqlstate.as_deref(),
-            title: Some(&entry.title),
+            title: Some(title),
             table_name: Some(&entry.table_name),
         })
         .collect();

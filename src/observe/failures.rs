@@ -238,8 +238,12 @@ unsafe extern "C-unwind" fn emit_log(edata: *mut pg_sys::ErrorData) {
             let Ok(mut frames) = f.try_borrow_mut() else {
                 return;
             };
+            // Only statements of the (sub)transaction that fails now.
+            let level = pg_sys::GetCurrentTransactionNestLevel();
             let mut failed = frames.iter_mut().filter_map(|frame| match &mut frame.kind {
-                Kind::Change(change) if change.error.is_none() => Some(change),
+                Kind::Change(change) if change.error.is_none() && frame.level >= level => {
+                    Some(change)
+                }
                 _ => None,
             });
             let Some(first) = failed.next() else { return };

@@ -10,13 +10,15 @@
 //! statement finished) or, failing that, when the memory its query lives in
 //! goes away (a reset callback): the statement failed or was cut short, and
 //! that is known without trusting any pointer into freed executor state.
-//! Entries are collected per outermost statement and queued when it ends,
-//! so a function reading a tracked table once per row fills one entry, not
-//! thousands.
+//! A (sub)transaction's abort ends the frames opened at its level or deeper.
+//! Entries are collected per outermost statement and queued when it ends
+//! (`pending`), so a function reading a tracked table once per row fills
+//! one entry, not thousands.
 //!
 //! Needs `shared_preload_libraries` (hooks, shared memory, the writer).
 
 mod failures;
+mod pending;
 mod reads;
 
 use std::cell::{Cell, RefCell};
@@ -27,8 +29,10 @@ use pgrx::prelude::*;
 use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting, PostgresGucEnum};
 
 use crate::deferred::{self, Entry};
+
 use crate::recorder::StatementContext;
 use crate::store;
+pub use pending::flush as flush_pending;
 
 pub use failures::note_row;
 
@@ -72,13 +76,10 @@ thread_local! {
     static NEXT_ID: Cell<u64> = const { Cell::new(1) };
     /// Executor nesting of this backend, every statement counted.
     static DEPTH: Cell<u32> = const { Cell::new(0) };
-    /// Entries of the outermost statement so far, queued when it ends.
-    static PENDING: RefCell<Vec<Entry>> = const { RefCell::new(Vec::new()) };
+    /// DEPTH when each open subtransaction started: its abort restores it
+    /// (statements that failed inside never reached ExecutorEnd).
+    static DEPTH_AT_SAVEPOINT: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
 }
-
-/// Pending entries beyond which they are queued without waiting for the
-/// outermost statement to end (bounds backend memory).
-const MAX_PENDING: usize = 64;
 
 /// One watched statement.
 struct Frame {
@@ -86,8 +87,12 @@ struct Frame {
     id: u64,
     /// The executor's query, or null for a utility statement (COPY, TRUNCATE).
     query: *mut pg_sys::QueryDesc,
-    /// Transaction nesting level (utility frames): a subtransaction's abort
-    /// ends the utility frames at its level or deeper.
+    /// A small memory context of the query's own, whose reset callback ends
+    /// the frames if the query's memory goes without ExecutorEnd; deleted in
+    /// ExecutorEnd. Null for utility frames.
+    memory: pg_sys::MemoryContext,
+    /// Transaction nesting level: a subtransaction's abort ends the frames
+    /// at its level or deeper.
     level: i32,
     who: StatementContext,
     kind: Kind,
@@ -161,6 +166,9 @@ fn take_frames(which: impl Fn(&Frame) -> bool) -> Vec<Frame> {
         let Ok(mut frames) = f.try_borrow_mut() else {
             return Vec::new();
         };
+        if !frames.iter().any(&which) {
+            return Vec::new();
+        }
         let (taken, kept) = frames.drain(..).partition(|frame| which(frame));
         *frames = kept;
         taken
@@ -172,6 +180,8 @@ fn entries_of(frames: Vec<Frame>, failed: bool) -> Vec<Entry> {
     let mut entries = Vec::new();
     for frame in frames {
         match frame.kind {
+            // A read that never ran (permission denied) read nothing.
+            Kind::Read(reading) if failed && !reading.started() => {}
             Kind::Read(reading) => entries.extend(reading.entries(&frame.who)),
             Kind::Change(change) if failed => entries.push(change.entry(&frame.who)),
             // A change that got to ExecutorEnd succeeded: its events are the triggers'.
@@ -181,8 +191,18 @@ fn entries_of(frames: Vec<Frame>, failed: bool) -> Vec<Entry> {
     entries
 }
 
+/// Queues what is pending if the outermost statement ended (or too much
+/// piled up); called where waiting on a full queue is allowed.
+fn flush_if_due() {
+    if DEPTH.with(Cell::get) == 0 || pending::len() > pending::MAX_PENDING {
+        pending::flush(true);
+    }
+}
+
 #[pg_guard]
 unsafe extern "C-unwind" fn executor_start(query: *mut pg_sys::QueryDesc, eflags: i32) {
+    // Left over from callbacks that could not queue (a failed statement).
+    flush_if_due();
     DEPTH.with(|d| d.set(d.get() + 1));
     let explain_only = eflags & pg_sys::EXEC_FLAG_EXPLAIN_ONLY as i32 != 0;
     if !explain_only && watching() {
@@ -207,7 +227,8 @@ unsafe fn watch(query: *mut pg_sys::QueryDesc) {
         mode => reads::plan(stmt, select && mode == LogReads::Subject, !select),
     }
     .filter(|_| reads::recordable());
-    let change = if LOG_FAILURES.get() {
+    // Nothing changes on a standby: the statement is refused right after.
+    let change = if LOG_FAILURES.get() && !pg_sys::RecoveryInProgress() {
         failures::plan(stmt, command)
     } else {
         None
@@ -216,11 +237,20 @@ unsafe fn watch(query: *mut pg_sys::QueryDesc) {
         return;
     }
     let id = next_id();
-    let callback = pg_sys::palloc0(std::mem::size_of::<pg_sys::MemoryContextCallback>())
-        as *mut pg_sys::MemoryContextCallback;
+    let memory = pg_sys::AllocSetContextCreateExtended(
+        pg_sys::CurrentMemoryContext,
+        c"pg_subject_audit watch".as_ptr(),
+        0,
+        pg_sys::ALLOCSET_SMALL_INITSIZE as usize,
+        pg_sys::ALLOCSET_SMALL_MAXSIZE as usize,
+    );
+    let callback = pg_sys::MemoryContextAllocZero(
+        memory,
+        std::mem::size_of::<pg_sys::MemoryContextCallback>(),
+    ) as *mut pg_sys::MemoryContextCallback;
     (*callback).func = Some(on_query_memory_gone);
     (*callback).arg = id as usize as *mut std::ffi::c_void;
-    pg_sys::MemoryContextRegisterResetCallback(pg_sys::CurrentMemoryContext, callback);
+    pg_sys::MemoryContextRegisterResetCallback(memory, callback);
     let level = pg_sys::GetCurrentTransactionNestLevel();
     let who = StatementContext::without_transaction();
     FRAMES.with(|f| {
@@ -229,6 +259,7 @@ unsafe fn watch(query: *mut pg_sys::QueryDesc) {
             frames.push(Frame {
                 id,
                 query,
+                memory,
                 level,
                 who: who.clone(),
                 kind: Kind::Read(reading),
@@ -238,6 +269,7 @@ unsafe fn watch(query: *mut pg_sys::QueryDesc) {
             frames.push(Frame {
                 id,
                 query,
+                memory,
                 level,
                 who,
                 kind: Kind::Change(change),
@@ -258,8 +290,11 @@ unsafe extern "C-unwind" fn executor_run(
             .iter_mut()
             .rev()
             .find_map(|frame| match &mut frame.kind {
-                Kind::Read(reading) if frame.query == query && reading.taps() => {
-                    Some(&mut **reading as *mut reads::Reading)
+                Kind::Read(reading) if frame.query == query => {
+                    reading.start();
+                    reading
+                        .taps()
+                        .then_some(&mut **reading as *mut reads::Reading)
                 }
                 _ => None,
             })
@@ -289,7 +324,7 @@ unsafe extern "C-unwind" fn executor_run(
 #[pg_guard]
 unsafe extern "C-unwind" fn executor_end(query: *mut pg_sys::QueryDesc) {
     let mut ended = take_frames(|frame| frame.query == query);
-    if !ended.is_empty() {
+    if let Some(memory) = ended.first().map(|frame| frame.memory) {
         // Rows a DML statement read from other tables: as many as it processed.
         let processed = if (*query).estate.is_null() {
             0
@@ -301,15 +336,12 @@ unsafe extern "C-unwind" fn executor_end(query: *mut pg_sys::QueryDesc) {
                 reading.finish(processed);
             }
         }
-        collect(entries_of(ended, false));
+        pending::collect(entries_of(ended, false));
+        // Its reset callback now finds no frame.
+        pg_sys::MemoryContextDelete(memory);
     }
-    let depth = DEPTH.with(|d| {
-        d.set(d.get().saturating_sub(1));
-        d.get()
-    });
-    if depth == 0 {
-        flush(true);
-    }
+    DEPTH.with(|d| d.set(d.get().saturating_sub(1)));
+    flush_if_due();
     match PREVIOUS_END {
         Some(previous) => previous(query),
         None => standard_executor_end(query),
@@ -318,15 +350,11 @@ unsafe extern "C-unwind" fn executor_end(query: *mut pg_sys::QueryDesc) {
 
 /// The memory a watched query lived in is going away. Frames still there
 /// never reached ExecutorEnd: the statement failed (or, for a read, was cut
-/// short). Runs during aborts: must not raise.
+/// short). Runs during aborts: must not raise, must not queue.
 #[pg_guard]
 unsafe extern "C-unwind" fn on_query_memory_gone(arg: *mut std::ffi::c_void) {
     let id = arg as usize as u64;
-    let ended = take_frames(|frame| frame.id == id);
-    if !ended.is_empty() {
-        collect(entries_of(ended, true));
-        flush(false);
-    }
+    pending::collect(entries_of(take_frames(|frame| frame.id == id), true));
 }
 
 /// Starts watching a utility statement on tracked tables: COPY FROM and
@@ -345,16 +373,22 @@ pub unsafe fn start_utility(node: *mut pg_sys::Node) -> bool {
             Some(Kind::Read(reading))
         }
         Some(_) => None,
-        None if LOG_FAILURES.get() => failures::plan_utility(node).map(Kind::Change),
+        None if LOG_FAILURES.get() && !pg_sys::RecoveryInProgress() => {
+            failures::plan_utility(node).map(Kind::Change)
+        }
         None => None,
     };
-    let Some(kind) = kind else {
+    let Some(mut kind) = kind else {
         return false;
     };
+    if let Kind::Read(reading) = &mut kind {
+        reading.start();
+    }
     // Built before FRAMES is borrowed: it may run a query (client address).
     let frame = Frame {
         id: next_id(),
         query: std::ptr::null_mut(),
+        memory: std::ptr::null_mut(),
         level: pg_sys::GetCurrentTransactionNestLevel(),
         who: StatementContext::without_transaction(),
         kind,
@@ -375,63 +409,8 @@ pub fn finish_utility(rows: u64) {
             reading.finish(rows);
         }
     }
-    collect(entries_of(frames, false));
-    if DEPTH.with(Cell::get) == 0 {
-        flush(true);
-    }
-}
-
-/// Adds entries to the pending ones, merging those that differ only in
-/// their subjects (the same read, repeated by a function per row).
-fn collect(entries: Vec<Entry>) {
-    let full = PENDING.with(|p| {
-        let Ok(mut pending) = p.try_borrow_mut() else {
-            return false;
-        };
-        for entry in entries {
-            match pending.iter_mut().find(|p| p.same_but_subjects(&entry)) {
-                Some(p) if !entry.subjects.is_empty() && !p.subjects.is_empty() => {
-                    p.subjects.extend(entry.subjects);
-                    p.subjects.sort_unstable();
-                    p.subjects.dedup();
-                }
-                _ => pending.push(entry),
-            }
-        }
-        pending.len() > MAX_PENDING
-    });
-    if full {
-        flush(false);
-    }
-}
-
-/// Queues the pending entries.
-fn flush(may_wait: bool) {
-    let entries = PENDING.with(|p| p.try_borrow_mut().map(|mut p| std::mem::take(&mut *p)));
-    if let Ok(entries) = entries {
-        hand_over(entries, may_wait);
-    }
-}
-
-/// Queues entries for the writer. `may_wait`: outside an abort, a full
-/// queue is waited on for a while (back-pressure) before anything is
-/// dropped; a drop is counted, recorded in the trail, and warned about.
-fn hand_over(entries: Vec<Entry>, may_wait: bool) {
-    if entries.is_empty() {
-        return;
-    }
-    let dropped: u64 = entries
-        .iter()
-        .map(|entry| deferred::hand_over(entry, may_wait))
-        .sum();
-    if dropped > 0 {
-        let message = format!("pg_subject_audit: {dropped} audit events could not be queued (queue full); the count is recorded in the trail");
-        if may_wait {
-            warning!("{message}");
-        } else {
-            log!("{message}");
-        }
-    }
+    pending::collect(entries_of(frames, false));
+    flush_if_due();
 }
 
 #[pg_guard]
@@ -442,17 +421,19 @@ unsafe extern "C-unwind" fn on_transaction(
     match event {
         // Before the commit, where waiting (and so an error) is still allowed.
         pg_sys::XactEvent::XACT_EVENT_PRE_COMMIT | pg_sys::XactEvent::XACT_EVENT_PRE_PREPARE => {
-            flush(true)
+            pending::flush(true)
         }
         pg_sys::XactEvent::XACT_EVENT_ABORT => {
-            // Utility statements have no executor memory to tell us.
-            collect(entries_of(take_frames(|frame| frame.query.is_null()), true));
-            flush(false);
+            // Every statement still open failed with the transaction.
+            pending::collect(entries_of(take_frames(|_| true), true));
+            pending::flush(false);
             DEPTH.with(|d| d.set(0));
+            DEPTH_AT_SAVEPOINT.with(|d| d.borrow_mut().clear());
         }
         pg_sys::XactEvent::XACT_EVENT_COMMIT | pg_sys::XactEvent::XACT_EVENT_PREPARE => {
-            flush(false);
+            pending::flush(false);
             DEPTH.with(|d| d.set(0));
+            DEPTH_AT_SAVEPOINT.with(|d| d.borrow_mut().clear());
         }
         _ => {}
     }
@@ -467,19 +448,28 @@ unsafe extern "C-unwind" fn on_subtransaction(
 ) {
     let level = pg_sys::GetCurrentTransactionNestLevel();
     match event {
-        pg_sys::SubXactEvent::SUBXACT_EVENT_ABORT_SUB => {
-            let ended = take_frames(|frame| frame.query.is_null() && frame.level >= level);
-            collect(entries_of(ended, true));
-            flush(false);
+        pg_sys::SubXactEvent::SUBXACT_EVENT_START_SUB => {
+            DEPTH_AT_SAVEPOINT.with(|d| d.borrow_mut().push(DEPTH.with(Cell::get)));
         }
-        // A utility frame of a released savepoint now belongs to its parent.
-        pg_sys::SubXactEvent::SUBXACT_EVENT_COMMIT_SUB => FRAMES.with(|f| {
-            if let Ok(mut frames) = f.try_borrow_mut() {
-                for frame in frames.iter_mut().filter(|frame| frame.level >= level) {
-                    frame.level = level - 1;
-                }
+        pg_sys::SubXactEvent::SUBXACT_EVENT_ABORT_SUB => {
+            // Statements opened inside failed with it; queued later, where
+            // waiting is allowed.
+            pending::collect(entries_of(take_frames(|frame| frame.level >= level), true));
+            if let Some(depth) = DEPTH_AT_SAVEPOINT.with(|d| d.borrow_mut().pop()) {
+                DEPTH.with(|d| d.set(depth));
             }
-        }),
+        }
+        // What was opened in a released savepoint now belongs to its parent.
+        pg_sys::SubXactEvent::SUBXACT_EVENT_COMMIT_SUB => {
+            DEPTH_AT_SAVEPOINT.with(|d| d.borrow_mut().pop());
+            FRAMES.with(|f| {
+                if let Ok(mut frames) = f.try_borrow_mut() {
+                    for frame in frames.iter_mut().filter(|frame| frame.level >= level) {
+                        frame.level = level - 1;
+                    }
+                }
+            });
+        }
         _ => {}
     }
 }

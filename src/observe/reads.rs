@@ -30,6 +30,8 @@ pub struct Reading {
     rows: u64,
     /// Whether rows are counted by the receiver tap (a SELECT).
     tapped: bool,
+    /// Its executor ran (a statement refused before that read nothing).
+    started: bool,
     /// It ended normally (else it was cut short by an error).
     finished: bool,
 }
@@ -123,6 +125,7 @@ pub unsafe fn plan(
         tables,
         rows: 0,
         tapped: !dml,
+        started: false,
         finished: false,
     }))
 }
@@ -177,6 +180,7 @@ pub unsafe fn plan_copy_to(node: *mut pg_sys::Node) -> Option<Box<Reading>> {
         }],
         rows: 0,
         tapped: false,
+        started: false,
         finished: false,
     }))
 }
@@ -217,13 +221,6 @@ unsafe fn column_name(relid: pg_sys::Oid, attnum: i16) -> Option<String> {
     }
     let name = pg_sys::get_attname(relid, attnum, true);
     (!name.is_null()).then(|| CStr::from_ptr(name).to_string_lossy().into_owned())
-}
-
-fn row_count(rows: u64) -> String {
-    match rows {
-        1 => "1 row".to_owned(),
-        n => format!("{n} rows"),
-    }
 }
 
 /// Every live column of `relid`, by name.
@@ -275,6 +272,15 @@ impl Reading {
         self.tapped
     }
 
+    /// Its executor runs (or the COPY starts).
+    pub fn start(&mut self) {
+        self.started = true;
+    }
+
+    pub fn started(&self) -> bool {
+        self.started
+    }
+
     /// It ended normally; `processed` is the row count where no tap counted.
     pub fn finish(&mut self, processed: u64) {
         if !self.tapped {
@@ -290,6 +296,8 @@ impl Reading {
             let entry = |title: String, columns: &[String], subjects: Vec<Vec<u8>>| Entry {
                 operation: "READ".into(),
                 title,
+                // Statement-level: counted (merged reads of one statement add up).
+                rows: (subjects.is_empty() && (self.finished || self.tapped)).then_some(self.rows),
                 table_name: table.meta.name.clone(),
                 columns: columns.to_vec(),
                 subjects,
@@ -298,16 +306,12 @@ impl Reading {
             let name = &table.meta.name;
             if table.subject_outputs.is_empty() {
                 // Rows a tap counted were sent, even if the statement failed later.
-                let rows = if self.finished || self.tapped {
-                    row_count(self.rows)
+                let title = if self.finished || self.tapped {
+                    format!("{} {name}", self.verb)
                 } else {
-                    "cut short".to_owned()
+                    format!("{} {name}: cut short", self.verb)
                 };
-                entries.push(entry(
-                    format!("{} {name}: {rows}", self.verb),
-                    &table.selected,
-                    Vec::new(),
-                ));
+                entries.push(entry(title, &table.selected, Vec::new()));
                 continue;
             }
             if !table.subjects.is_empty() {

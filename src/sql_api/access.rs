@@ -101,5 +101,7 @@ fn writer_status() -> TableIterator<
 #[pg_extern(volatile, parallel_unsafe)]
 fn wait_for_writer(timeout_ms: default!(Option<i32>, "5000")) -> bool {
     let timeout_ms = super::required(timeout_ms, "timeout_ms").max(0) as u64;
+    // This session's own entries first (a cursor may still hold some).
+    crate::observe::flush_pending(true);
     crate::deferred::wait_until_written(std::time::Duration::from_millis(timeout_ms))
 }
