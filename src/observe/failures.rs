@@ -12,7 +12,7 @@ use std::ffi::CStr;
 
 use pgrx::pg_sys;
 
-use super::{Kind, FRAMES};
+use super::{Frame, Kind, FRAMES};
 use crate::capture;
 use crate::deferred::Entry;
 use crate::recorder::StatementContext;
@@ -208,22 +208,35 @@ pub unsafe fn note_row(trigger: &pg_sys::TriggerData) {
     }
     // The innermost statement changing this table: not a cursor a trigger
     // left open, nor the statement whose foreign key cascaded here.
+    note(
+        |frame| matches!(&frame.kind, Kind::Change(change) if change.tables.contains(&meta.name)),
+        noted,
+    );
+}
+
+/// Notes subject values in the Change frame `frame` (an INSERT's rows).
+pub fn note_in(frame: u64, values: Vec<Vec<u8>>) {
+    note(
+        |f| f.id == frame && matches!(f.kind, Kind::Change(_)),
+        values,
+    );
+}
+
+/// Notes subject values in the innermost Change frame that `pick` accepts.
+fn note(pick: impl Fn(&Frame) -> bool, values: Vec<Vec<u8>>) {
     FRAMES.with(|f| {
         let mut frames = f.borrow_mut();
-        let change = frames
-            .iter_mut()
-            .rev()
-            .find_map(|frame| match &mut frame.kind {
-                Kind::Change(change) if change.tables.contains(&meta.name) => Some(change),
-                _ => None,
-            });
-        if let Some(change) = change {
-            for value in noted {
-                if change.subjects.len() < MAX_SUBJECTS || change.subjects.contains(&value) {
-                    change.subjects.insert(value);
-                } else {
-                    change.not_itemized += 1;
-                }
+        let Some(frame) = frames.iter_mut().rev().find(|frame| pick(frame)) else {
+            return;
+        };
+        let Kind::Change(change) = &mut frame.kind else {
+            return;
+        };
+        for value in values {
+            if change.subjects.len() < MAX_SUBJECTS || change.subjects.contains(&value) {
+                change.subjects.insert(value);
+            } else {
+                change.not_itemized += 1;
             }
         }
     });

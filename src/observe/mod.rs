@@ -18,6 +18,7 @@
 //! Needs `shared_preload_libraries` (hooks, shared memory, the writer).
 
 mod failures;
+mod inserts;
 mod pending;
 mod reads;
 
@@ -169,8 +170,11 @@ fn take_frames(which: impl Fn(&Frame) -> bool) -> Vec<Frame> {
         if !frames.iter().any(&which) {
             return Vec::new();
         }
-        let (taken, kept) = frames.drain(..).partition(|frame| which(frame));
+        let (taken, kept): (Vec<Frame>, Vec<Frame>) =
+            frames.drain(..).partition(|frame| which(frame));
         *frames = kept;
+        let ids: Vec<u64> = taken.iter().map(|frame| frame.id).collect();
+        inserts::forget(&ids);
         taken
     })
 }
@@ -205,19 +209,25 @@ unsafe extern "C-unwind" fn executor_start(query: *mut pg_sys::QueryDesc, eflags
     flush_if_due();
     DEPTH.with(|d| d.set(d.get() + 1));
     let explain_only = eflags & pg_sys::EXEC_FLAG_EXPLAIN_ONLY as i32 != 0;
-    if !explain_only && watching() {
-        watch(query);
-    }
+    let change = if !explain_only && watching() {
+        watch(query)
+    } else {
+        None
+    };
     match PREVIOUS_START {
         Some(previous) => previous(query, eflags),
         None => standard_executor_start(query, eflags),
+    }
+    if let Some(frame) = change {
+        inserts::watch(query, frame);
     }
 }
 
 /// Pushes the frames of a statement that reads or changes tracked tables,
 /// before its executor starts (a permission error raised there fails the
-/// statement too), and ties their end to the memory of the query.
-unsafe fn watch(query: *mut pg_sys::QueryDesc) {
+/// statement too), and ties their end to the memory of the query. Returns
+/// the id of its Change frame, if it has one.
+unsafe fn watch(query: *mut pg_sys::QueryDesc) -> Option<u64> {
     let stmt = (*query).plannedstmt;
     let command = (*stmt).commandType;
     let select = command == pg_sys::CmdType::CMD_SELECT;
@@ -234,7 +244,7 @@ unsafe fn watch(query: *mut pg_sys::QueryDesc) {
         None
     };
     if reading.is_none() && change.is_none() {
-        return;
+        return None;
     }
     let id = next_id();
     let memory = pg_sys::AllocSetContextCreateExtended(
@@ -253,6 +263,7 @@ unsafe fn watch(query: *mut pg_sys::QueryDesc) {
     pg_sys::MemoryContextRegisterResetCallback(memory, callback);
     let level = pg_sys::GetCurrentTransactionNestLevel();
     let who = StatementContext::without_transaction();
+    let change_frame = change.is_some().then_some(id);
     FRAMES.with(|f| {
         let mut frames = f.borrow_mut();
         if let Some(reading) = reading {
@@ -276,6 +287,7 @@ unsafe fn watch(query: *mut pg_sys::QueryDesc) {
             });
         }
     });
+    change_frame
 }
 
 #[pg_guard]

@@ -24,7 +24,7 @@ struct TriggerSpec {
 
 /// The capture triggers: statement-level with transition tables; TRUNCATE
 /// has none, so it is read before it happens. And the row trigger that
-/// notes whose rows a statement touches, for when it fails.
+/// notes whose rows an UPDATE or DELETE touches, for when it fails.
 const TRIGGERS: [TriggerSpec; 5] = [
     TriggerSpec {
         name: "subject_audit_capture_insert",
@@ -60,10 +60,12 @@ const TRIGGERS: [TriggerSpec; 5] = [
     },
     TriggerSpec {
         name: "subject_audit_note",
-        when: "BEFORE INSERT OR UPDATE OR DELETE ON {table}",
+        // Not INSERT: a BEFORE INSERT row trigger switches off COPY's
+        // batching; an INSERT's rows are noted from its plan instead.
+        when: "BEFORE UPDATE OR DELETE ON {table}",
         for_each: "ROW",
         function: "note_change",
-        tgtype: 31,
+        tgtype: 27,
         leaves_only: true,
     },
 ];
@@ -507,9 +509,9 @@ fn capture_change<'a>(
     Ok(None)
 }
 
-/// The row trigger `track()` installs: BEFORE INSERT, UPDATE or DELETE, FOR
-/// EACH ROW. It changes nothing; it notes whose row the statement touches,
-/// so a failing statement's subjects are known (docs/reads-and-failures.md).
+/// The row trigger `track()` installs: BEFORE UPDATE or DELETE, FOR EACH
+/// ROW. It changes nothing; it notes whose row the statement touches, so a
+/// failing statement's subjects are known (docs/reads-and-failures.md).
 #[pg_trigger]
 fn note_change<'a>(
     trigger: &'a PgTrigger<'a>,
