@@ -195,6 +195,14 @@ DO $$ BEGIN
         END;
     END LOOP;
 END $$;
+-- An error passing through an exception block that does not handle it:
+-- recorded with its SQLSTATE and message.
+DO $$ BEGIN
+    BEGIN
+        INSERT INTO customers VALUES (22, 'c-22', 'bob@example.com', NULL);
+    EXCEPTION WHEN no_data_found THEN NULL;
+    END;
+END $$;
 -- A failed COPY: its rows are not noted (COPY keeps its batching, which a
 -- row trigger would switch off), so one event of nobody's, without the detail.
 COPY customers FROM stdin;
@@ -217,6 +225,7 @@ SELECT * FROM trail('c-2');
 SELECT * FROM trail('c-1') WHERE status = 'error';
 SELECT * FROM trail('c-3') WHERE operation = 'UPDATE';
 SELECT * FROM trail('c-7');
+SELECT operation, status, sqlstate, title FROM trail('c-22');
 -- The failed rows themselves left nothing; neither message nor values are stored in plaintext.
 SELECT count(*) AS customers FROM customers;
 SELECT count(*) AS plaintext FROM subject_audit.event

@@ -24,6 +24,8 @@ const MAX_FAILED_LAUNCHES: u32 = 3;
 /// Times an entry that waited on a lock is put back before it is dropped
 /// (about ten minutes, at one retry a second).
 const MAX_ATTEMPTS: u32 = 600;
+/// Times an entry is handed to a new writer after its writer died with it.
+const MAX_HANDED_AGAIN: u32 = 3;
 
 const FREE: u32 = 0;
 const FILLED: u32 = 1;
@@ -38,6 +40,8 @@ struct Slot {
     len: u32,
     /// Times it was put back after waiting on a lock.
     attempts: u32,
+    /// Times it was handed out again because its writer died.
+    handed_again: u32,
     /// Order of arrival: a database's entries are written in this order.
     sequence: u64,
     /// Events it makes (for drop counts).
@@ -227,6 +231,7 @@ pub fn push(database: pg_sys::Oid, parts: &[Part]) -> usize {
                 database,
                 len: part.bytes.len() as u32,
                 attempts: 0,
+                handed_again: 0,
                 sequence: shared.next_sequence,
                 events: part.events,
                 due: 0,
@@ -293,9 +298,10 @@ pub fn count_launch(database: pg_sys::Oid) -> bool {
         if launches.is_some_and(|n| n <= MAX_FAILED_LAUNCHES) {
             return None;
         }
+        // No writer runs there: taken slots are orphans of a dead one.
         let mut events = 0;
         for i in 0..SLOTS {
-            if shared.slots[i].database == database && shared.slots[i].state == FILLED {
+            if shared.slots[i].database == database && shared.slots[i].state != FREE {
                 events += shared.slots[i].events;
                 shared.free(i);
             }
@@ -334,11 +340,22 @@ pub fn attach_writer(database: pg_sys::Oid) -> bool {
         d.writer = unsafe { pg_sys::MyProc };
         d.failed_launches = 0;
         d.unreachable = false;
-        for slot in shared.slots.iter_mut() {
+        // An entry taken by writers that died each time may be what kills
+        // them: after a few times it is dropped, counted.
+        let mut poisoned = 0;
+        for i in 0..SLOTS {
+            let slot = &mut shared.slots[i];
             if slot.database == database && slot.state == TAKEN {
-                slot.state = FILLED;
+                slot.handed_again += 1;
+                if slot.handed_again > MAX_HANDED_AGAIN {
+                    poisoned += slot.events;
+                    shared.free(i);
+                } else {
+                    slot.state = FILLED;
+                }
             }
         }
+        shared.count_dropped(database, poisoned);
         true
     })
 }

@@ -7,6 +7,7 @@
 //! which encrypts the message like any payload: it can hold personal values.
 //! A statement that succeeds drops its notes in ExecutorEnd.
 
+use std::cell::RefCell;
 use std::collections::HashSet;
 use std::ffi::CStr;
 
@@ -23,6 +24,12 @@ const MAX_SUBJECTS: usize = 10_000;
 const MAX_MESSAGE: usize = 2_000;
 
 static mut PREVIOUS_EMIT_LOG: pg_sys::emit_log_hook_type = None;
+
+thread_local! {
+    /// Changes that failed in a subtransaction whose error was not reported
+    /// (yet): the next error reported takes them, else they were handled.
+    static UNREPORTED: RefCell<Vec<(Change, StatementContext)>> = const { RefCell::new(Vec::new()) };
+}
 
 pub fn init() {
     unsafe {
@@ -43,6 +50,10 @@ pub struct Change {
 }
 
 impl Change {
+    pub fn has_error(&self) -> bool {
+        self.error.is_some()
+    }
+
     fn new(operation: &'static str, tables: Vec<String>) -> Option<Change> {
         (!tables.is_empty()).then_some(Change {
             operation,
@@ -242,11 +253,47 @@ fn note(pick: impl Fn(&Frame) -> bool, values: Vec<Vec<u8>>) {
     });
 }
 
+/// Keeps a change that failed in an aborted subtransaction without a
+/// reported error, until the next error is reported or the statement ends.
+pub fn hold_unreported(change: Change, who: StatementContext) {
+    UNREPORTED.with(|u| {
+        if let Ok(mut u) = u.try_borrow_mut() {
+            u.push((change, who));
+        }
+    });
+}
+
+/// The held changes' errors were handled (no error was reported since):
+/// their entries go to the pending ones.
+pub fn settle_unreported() {
+    let held = UNREPORTED.with(|u| u.try_borrow_mut().map(|mut u| std::mem::take(&mut *u)));
+    if let Ok(held) = held {
+        if !held.is_empty() {
+            super::pending::collect(held.into_iter().map(|(c, who)| c.entry(&who)).collect());
+        }
+    }
+}
+
 /// Takes the first error reported while watched changes run: it is what
 /// failed them. Must not raise (it runs inside error reporting).
 #[pgrx::pg_guard]
 unsafe extern "C-unwind" fn emit_log(edata: *mut pg_sys::ErrorData) {
     if !edata.is_null() && (*edata).elevel >= pgrx::PgLogLevel::ERROR as i32 {
+        // A re-raised error reaches here after its subtransaction ended.
+        let held = UNREPORTED.with(|u| u.try_borrow_mut().map(|mut u| std::mem::take(&mut *u)));
+        if let Ok(held) = held {
+            if !held.is_empty() {
+                let error = describe(edata);
+                let entries = held
+                    .into_iter()
+                    .map(|(mut change, who)| {
+                        change.error = Some(error.clone());
+                        change.entry(&who)
+                    })
+                    .collect();
+                super::pending::collect(entries);
+            }
+        }
         FRAMES.with(|f| {
             let Ok(mut frames) = f.try_borrow_mut() else {
                 return;

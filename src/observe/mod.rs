@@ -75,11 +75,10 @@ unsafe extern "C-unwind" {
 thread_local! {
     static FRAMES: RefCell<Vec<Frame>> = const { RefCell::new(Vec::new()) };
     static NEXT_ID: Cell<u64> = const { Cell::new(1) };
-    /// Executor nesting of this backend, every statement counted.
-    static DEPTH: Cell<u32> = const { Cell::new(0) };
-    /// DEPTH when each open subtransaction started: its abort restores it
-    /// (statements that failed inside never reached ExecutorEnd).
-    static DEPTH_AT_SAVEPOINT: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
+    /// Executors of this backend whose state is alive, every statement
+    /// counted: each one's memory, going away, counts it out, however it
+    /// ended (cursors, savepoints and failures included).
+    static LIVE: Cell<u32> = const { Cell::new(0) };
 }
 
 /// One watched statement.
@@ -195,19 +194,40 @@ fn entries_of(frames: Vec<Frame>, failed: bool) -> Vec<Entry> {
     entries
 }
 
-/// Queues what is pending if the outermost statement ended (or too much
-/// piled up); called where waiting on a full queue is allowed.
+/// Queues what is pending if no statement runs (the outermost one ended),
+/// or too much piled up; called where waiting on a full queue is allowed.
 fn flush_if_due() {
-    if DEPTH.with(Cell::get) == 0 || pending::len() > pending::MAX_PENDING {
+    failures::settle_unreported();
+    if LIVE.with(Cell::get) == 0 || pending::len() > pending::MAX_PENDING {
         pending::flush(true);
     }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn executor_gone(_arg: *mut std::ffi::c_void) {
+    LIVE.with(|l| l.set(l.get().saturating_sub(1)));
+}
+
+/// Counts a started executor in, until its memory goes.
+unsafe fn count_live(query: *mut pg_sys::QueryDesc) {
+    let estate = (*query).estate;
+    if estate.is_null() {
+        return;
+    }
+    let memory = (*estate).es_query_cxt;
+    let callback = pg_sys::MemoryContextAllocZero(
+        memory,
+        std::mem::size_of::<pg_sys::MemoryContextCallback>(),
+    ) as *mut pg_sys::MemoryContextCallback;
+    (*callback).func = Some(executor_gone);
+    pg_sys::MemoryContextRegisterResetCallback(memory, callback);
+    LIVE.with(|l| l.set(l.get() + 1));
 }
 
 #[pg_guard]
 unsafe extern "C-unwind" fn executor_start(query: *mut pg_sys::QueryDesc, eflags: i32) {
     // Left over from callbacks that could not queue (a failed statement).
     flush_if_due();
-    DEPTH.with(|d| d.set(d.get() + 1));
     let explain_only = eflags & pg_sys::EXEC_FLAG_EXPLAIN_ONLY as i32 != 0;
     let change = if !explain_only && watching() {
         watch(query)
@@ -218,6 +238,7 @@ unsafe extern "C-unwind" fn executor_start(query: *mut pg_sys::QueryDesc, eflags
         Some(previous) => previous(query, eflags),
         None => standard_executor_start(query, eflags),
     }
+    count_live(query);
     if let Some(frame) = change {
         inserts::watch(query, frame);
     }
@@ -335,29 +356,35 @@ unsafe extern "C-unwind" fn executor_run(
 
 #[pg_guard]
 unsafe extern "C-unwind" fn executor_end(query: *mut pg_sys::QueryDesc) {
-    let mut ended = take_frames(|frame| frame.query == query);
-    if let Some(memory) = ended.first().map(|frame| frame.memory) {
-        // Rows a DML statement read from other tables: as many as it processed.
-        let processed = if (*query).estate.is_null() {
-            0
-        } else {
-            (*(*query).estate).es_processed
-        };
-        for frame in &mut ended {
-            if let Kind::Read(reading) = &mut frame.kind {
-                reading.finish(processed);
-            }
-        }
-        pending::collect(entries_of(ended, false));
-        // Its reset callback now finds no frame.
-        pg_sys::MemoryContextDelete(memory);
-    }
-    DEPTH.with(|d| d.set(d.get().saturating_sub(1)));
-    flush_if_due();
+    end_frames(query);
     match PREVIOUS_END {
         Some(previous) => previous(query),
         None => standard_executor_end(query),
     }
+    // The executor's memory is gone now: if it was the outermost, queue.
+    flush_if_due();
+}
+
+/// Collects the entries of `query`'s frames, which finished.
+unsafe fn end_frames(query: *mut pg_sys::QueryDesc) {
+    let mut ended = take_frames(|frame| frame.query == query);
+    let Some(memory) = ended.first().map(|frame| frame.memory) else {
+        return;
+    };
+    // Rows a DML statement read from other tables: as many as it processed.
+    let processed = if (*query).estate.is_null() {
+        0
+    } else {
+        (*(*query).estate).es_processed
+    };
+    for frame in &mut ended {
+        if let Kind::Read(reading) = &mut frame.kind {
+            reading.finish(processed);
+        }
+    }
+    pending::collect(entries_of(ended, false));
+    // Its reset callback now finds no frame.
+    pg_sys::MemoryContextDelete(memory);
 }
 
 /// The memory a watched query lived in is going away. Frames still there
@@ -433,19 +460,18 @@ unsafe extern "C-unwind" fn on_transaction(
     match event {
         // Before the commit, where waiting (and so an error) is still allowed.
         pg_sys::XactEvent::XACT_EVENT_PRE_COMMIT | pg_sys::XactEvent::XACT_EVENT_PRE_PREPARE => {
+            failures::settle_unreported();
             pending::flush(true)
         }
         pg_sys::XactEvent::XACT_EVENT_ABORT => {
             // Every statement still open failed with the transaction.
             pending::collect(entries_of(take_frames(|_| true), true));
+            failures::settle_unreported();
             pending::flush(false);
-            DEPTH.with(|d| d.set(0));
-            DEPTH_AT_SAVEPOINT.with(|d| d.borrow_mut().clear());
         }
         pg_sys::XactEvent::XACT_EVENT_COMMIT | pg_sys::XactEvent::XACT_EVENT_PREPARE => {
+            failures::settle_unreported();
             pending::flush(false);
-            DEPTH.with(|d| d.set(0));
-            DEPTH_AT_SAVEPOINT.with(|d| d.borrow_mut().clear());
         }
         _ => {}
     }
@@ -460,20 +486,25 @@ unsafe extern "C-unwind" fn on_subtransaction(
 ) {
     let level = pg_sys::GetCurrentTransactionNestLevel();
     match event {
-        pg_sys::SubXactEvent::SUBXACT_EVENT_START_SUB => {
-            DEPTH_AT_SAVEPOINT.with(|d| d.borrow_mut().push(DEPTH.with(Cell::get)));
-        }
         pg_sys::SubXactEvent::SUBXACT_EVENT_ABORT_SUB => {
             // Statements opened inside failed with it; queued later, where
-            // waiting is allowed.
-            pending::collect(entries_of(take_frames(|frame| frame.level >= level), true));
-            if let Some(depth) = DEPTH_AT_SAVEPOINT.with(|d| d.borrow_mut().pop()) {
-                DEPTH.with(|d| d.set(depth));
+            // waiting is allowed. A change whose error was not reported yet
+            // waits for it: PL/pgSQL aborts the subtransaction before it
+            // re-raises an error no handler took.
+            let ended = take_frames(|frame| frame.level >= level);
+            let mut failed = Vec::new();
+            for frame in ended {
+                match frame.kind {
+                    Kind::Change(change) if !change.has_error() => {
+                        failures::hold_unreported(change, frame.who)
+                    }
+                    _ => failed.push(frame),
+                }
             }
+            pending::collect(entries_of(failed, true));
         }
         // What was opened in a released savepoint now belongs to its parent.
         pg_sys::SubXactEvent::SUBXACT_EVENT_COMMIT_SUB => {
-            DEPTH_AT_SAVEPOINT.with(|d| d.borrow_mut().pop());
             FRAMES.with(|f| {
                 if let Ok(mut frames) = f.try_borrow_mut() {
                     for frame in frames.iter_mut().filter(|frame| frame.level >= level) {
