@@ -181,7 +181,7 @@ COMMIT;
 SET statement_timeout = '200ms';
 UPDATE customers SET phone = 'slow' WHERE id = 3;
 RESET statement_timeout;
--- Caught by an exception handler: recorded, without the message.
+-- Caught by an exception handler: recorded with its SQLSTATE, without the message.
 DO $$ BEGIN
     INSERT INTO customers VALUES (7, 'c-7', 'bob@example.com', NULL);
 EXCEPTION WHEN unique_violation THEN RAISE NOTICE 'caught';

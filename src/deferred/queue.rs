@@ -293,6 +293,10 @@ pub fn count_launch(database: pg_sys::Oid) -> bool {
     let gave_up = locked(|shared| {
         let launches = shared.database(database).map(|d| {
             d.failed_launches += 1;
+            // Never while a writer is attached (attaching resets the count).
+            if !d.writer.is_null() {
+                d.failed_launches = 0;
+            }
             d.failed_launches
         });
         if launches.is_some_and(|n| n <= MAX_FAILED_LAUNCHES) {
@@ -403,6 +407,18 @@ pub fn take(database: pg_sys::Oid, max: usize) -> Vec<(usize, Vec<u8>, u32)> {
             .map(|(i, s)| (s.sequence, i))
             .collect();
         waiting.sort_unstable();
+        // An entry handed out again after its writer died goes alone: if it
+        // is what kills writers, only it is counted for that.
+        let max = match waiting
+            .iter()
+            .position(|&(_, i)| shared.slots[i].handed_again > 0)
+        {
+            Some(first) => {
+                waiting = vec![waiting[first]];
+                1
+            }
+            None => max,
+        };
         waiting
             .into_iter()
             .take(max)
@@ -418,8 +434,14 @@ pub fn take(database: pg_sys::Oid, max: usize) -> Vec<(usize, Vec<u8>, u32)> {
 /// Frees taken slots: their events were written, or could not be (dropped).
 pub fn release(database: pg_sys::Oid, slots: &[usize], written: bool) {
     locked(|shared| {
+        let mine = |s: &Slot| s.state == TAKEN && s.database == database;
+        let slots: Vec<usize> = slots
+            .iter()
+            .copied()
+            .filter(|&i| mine(&shared.slots[i]))
+            .collect();
         let events: u64 = slots.iter().map(|&i| shared.slots[i].events).sum();
-        for &i in slots {
+        for &i in &slots {
             shared.free(i);
         }
         if written {
@@ -438,6 +460,9 @@ pub fn retry_later(database: pg_sys::Oid, slot: usize) {
     let due = now() + 1_000_000;
     locked(|shared| {
         let s = &mut shared.slots[slot];
+        if s.state != TAKEN || s.database != database {
+            return;
+        }
         s.attempts += 1;
         if s.attempts > MAX_ATTEMPTS {
             let events = s.events;
@@ -446,6 +471,18 @@ pub fn retry_later(database: pg_sys::Oid, slot: usize) {
         } else {
             s.state = FILLED;
             s.due = due;
+        }
+    });
+}
+
+/// Puts taken slots back untouched (a writer stopping before writing them).
+pub fn untake(database: pg_sys::Oid, slots: &[usize]) {
+    locked(|shared| {
+        for &i in slots {
+            let s = &mut shared.slots[i];
+            if s.state == TAKEN && s.database == database {
+                s.state = FILLED;
+            }
         }
     });
 }

@@ -113,7 +113,12 @@ pub extern "C-unwind" fn pg_subject_audit_writer_main(arg: pg_sys::Datum) {
     loop {
         let taken = queue::take(database, BATCH);
         let drained = stopping.is_some_and(|since| since.elapsed() >= DRAIN_AT_SHUTDOWN);
-        if !taken.is_empty() && !drained {
+        if drained {
+            let slots: Vec<usize> = taken.iter().map(|(slot, _, _)| *slot).collect();
+            queue::untake(database, &slots);
+            break;
+        }
+        if !taken.is_empty() {
             write(database, taken);
             report_drops(database);
             idle_since = Instant::now();

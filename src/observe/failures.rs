@@ -47,6 +47,9 @@ pub struct Change {
     not_itemized: u64,
     /// SQLSTATE and text of the error that ended it, when it was reported.
     error: Option<(String, String)>,
+    /// SQLSTATE of the first error thrown while it ran (a handler may have
+    /// caught it: then it was never reported).
+    thrown: Option<String>,
 }
 
 impl Change {
@@ -61,6 +64,7 @@ impl Change {
             subjects: HashSet::new(),
             not_itemized: 0,
             error: None,
+            thrown: None,
         })
     }
 
@@ -88,7 +92,7 @@ impl Change {
             Some((sqlstate, message)) => (Some(sqlstate), message),
             // Caught by an exception handler (PL/pgSQL), so never reported.
             None => (
-                None,
+                self.thrown,
                 "the error was handled by the caller; its message is not available".to_owned(),
             ),
         };
@@ -274,6 +278,34 @@ pub fn settle_unreported() {
     }
 }
 
+/// Error context callback (see `error_watch`): notes the SQLSTATE of an
+/// error thrown while the Change frame `arg` runs. Must not raise.
+#[pgrx::pg_guard]
+pub unsafe extern "C-unwind" fn note_error_code(arg: *mut std::ffi::c_void) {
+    let id = arg as usize as u64;
+    let code = pg_sys::geterrcode();
+    let sqlstate = CStr::from_ptr(pg_sys::unpack_sql_state(code))
+        .to_string_lossy()
+        .into_owned();
+    // Notices (00), warnings (01) and "no data" (02) do not fail anything.
+    if ["00", "01", "02"]
+        .iter()
+        .any(|class| sqlstate.starts_with(class))
+    {
+        return;
+    }
+    FRAMES.with(|f| {
+        let Ok(mut frames) = f.try_borrow_mut() else {
+            return;
+        };
+        for frame in frames.iter_mut().filter(|frame| frame.id == id) {
+            if let Kind::Change(change) = &mut frame.kind {
+                change.thrown.get_or_insert_with(|| sqlstate.clone());
+            }
+        }
+    });
+}
+
 /// Takes the first error reported while watched changes run: it is what
 /// failed them. Must not raise (it runs inside error reporting).
 #[pgrx::pg_guard]
@@ -283,8 +315,12 @@ unsafe extern "C-unwind" fn emit_log(edata: *mut pg_sys::ErrorData) {
         let held = UNREPORTED.with(|u| u.try_borrow_mut().map(|mut u| std::mem::take(&mut *u)));
         if let Ok(held) = held {
             if !held.is_empty() {
+                // Only the error they threw themselves, raised again.
                 let error = describe(edata);
-                let entries = held
+                let (theirs, others): (Vec<_>, Vec<_>) = held
+                    .into_iter()
+                    .partition(|(change, _)| change.thrown.as_deref() == Some(error.0.as_str()));
+                let entries = theirs
                     .into_iter()
                     .map(|(mut change, who)| {
                         change.error = Some(error.clone());
@@ -292,6 +328,11 @@ unsafe extern "C-unwind" fn emit_log(edata: *mut pg_sys::ErrorData) {
                     })
                     .collect();
                 super::pending::collect(entries);
+                UNREPORTED.with(|u| {
+                    if let Ok(mut u) = u.try_borrow_mut() {
+                        u.extend(others);
+                    }
+                });
             }
         }
         FRAMES.with(|f| {

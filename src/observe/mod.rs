@@ -52,6 +52,7 @@ static LOG_FAILURES: GucSetting<bool> = GucSetting::<bool>::new(true);
 
 static mut PREVIOUS_START: pg_sys::ExecutorStart_hook_type = None;
 static mut PREVIOUS_RUN: pg_sys::ExecutorRun_hook_type = None;
+static mut PREVIOUS_FINISH: pg_sys::ExecutorFinish_hook_type = None;
 static mut PREVIOUS_END: pg_sys::ExecutorEnd_hook_type = None;
 
 unsafe extern "C-unwind" {
@@ -68,6 +69,8 @@ unsafe extern "C-unwind" {
         count: u64,
         execute_once: bool,
     );
+    #[link_name = "standard_ExecutorFinish"]
+    fn standard_executor_finish(query: *mut pg_sys::QueryDesc);
     #[link_name = "standard_ExecutorEnd"]
     fn standard_executor_end(query: *mut pg_sys::QueryDesc);
 }
@@ -131,6 +134,8 @@ pub fn init(preloading: bool) {
         pg_sys::ExecutorStart_hook = Some(executor_start);
         PREVIOUS_RUN = pg_sys::ExecutorRun_hook;
         pg_sys::ExecutorRun_hook = Some(executor_run);
+        PREVIOUS_FINISH = pg_sys::ExecutorFinish_hook;
+        pg_sys::ExecutorFinish_hook = Some(executor_finish);
         PREVIOUS_END = pg_sys::ExecutorEnd_hook;
         pg_sys::ExecutorEnd_hook = Some(executor_end);
         pg_sys::RegisterXactCallback(Some(on_transaction), std::ptr::null_mut());
@@ -234,10 +239,13 @@ unsafe extern "C-unwind" fn executor_start(query: *mut pg_sys::QueryDesc, eflags
     } else {
         None
     };
+    let mut errors = no_error_watch();
+    error_watch(&mut errors, change);
     match PREVIOUS_START {
         Some(previous) => previous(query, eflags),
         None => standard_executor_start(query, eflags),
     }
+    end_error_watch(&mut errors, change);
     count_live(query);
     if let Some(frame) = change {
         inserts::watch(query, frame);
@@ -344,13 +352,69 @@ unsafe extern "C-unwind" fn executor_run(
     if !tap.is_null() {
         (*query).dest = tap;
     }
+    let change = change_frame(query);
+    let mut errors = no_error_watch();
+    error_watch(&mut errors, change);
     match PREVIOUS_RUN {
         Some(previous) => previous(query, direction, count, execute_once),
         None => standard_executor_run(query, direction, count, execute_once),
     }
+    end_error_watch(&mut errors, change);
     if !tap.is_null() {
         (*query).dest = dest;
         pg_sys::pfree(tap.cast());
+    }
+}
+
+/// AFTER triggers and foreign key checks run here, and can fail the change.
+#[pg_guard]
+unsafe extern "C-unwind" fn executor_finish(query: *mut pg_sys::QueryDesc) {
+    let change = change_frame(query);
+    let mut errors = no_error_watch();
+    error_watch(&mut errors, change);
+    match PREVIOUS_FINISH {
+        Some(previous) => previous(query),
+        None => standard_executor_finish(query),
+    }
+    end_error_watch(&mut errors, change);
+}
+
+/// The Change frame of `query`, if it has one.
+fn change_frame(query: *mut pg_sys::QueryDesc) -> Option<u64> {
+    FRAMES.with(|f| {
+        f.borrow()
+            .iter()
+            .find(|frame| frame.query == query && matches!(frame.kind, Kind::Change(_)))
+            .map(|frame| frame.id)
+    })
+}
+
+/// Pushes an error context callback for the Change frame `frame` while its
+/// executor runs: error context callbacks run when an error is thrown, also
+/// one a handler catches later, so a handled failure still has its
+/// SQLSTATE. `callback` lives in the caller's stack frame.
+fn error_watch(callback: &mut pg_sys::ErrorContextCallback, frame: Option<u64>) {
+    if let Some(id) = frame {
+        callback.previous = unsafe { pg_sys::error_context_stack };
+        callback.callback = Some(failures::note_error_code);
+        callback.arg = id as usize as *mut std::ffi::c_void;
+        unsafe { pg_sys::error_context_stack = callback };
+    }
+}
+
+fn no_error_watch() -> pg_sys::ErrorContextCallback {
+    pg_sys::ErrorContextCallback {
+        previous: std::ptr::null_mut(),
+        callback: None,
+        arg: std::ptr::null_mut(),
+    }
+}
+
+/// Pops the callback of `error_watch` (an error thrown instead pops it: the
+/// catching code restores the stack).
+fn end_error_watch(callback: &mut pg_sys::ErrorContextCallback, frame: Option<u64>) {
+    if frame.is_some() {
+        unsafe { pg_sys::error_context_stack = callback.previous };
     }
 }
 
@@ -468,10 +532,13 @@ unsafe extern "C-unwind" fn on_transaction(
             pending::collect(entries_of(take_frames(|_| true), true));
             failures::settle_unreported();
             pending::flush(false);
+            // No executor outlives the transaction (held cursors are materialized).
+            LIVE.with(|l| l.set(0));
         }
         pg_sys::XactEvent::XACT_EVENT_COMMIT | pg_sys::XactEvent::XACT_EVENT_PREPARE => {
             failures::settle_unreported();
             pending::flush(false);
+            LIVE.with(|l| l.set(0));
         }
         _ => {}
     }
