@@ -23,10 +23,13 @@ CREATE TABLE subject_audit.writer_key (
 
 -- One HPKE sender context per writing backend: its encapsulated key is all a
 -- reader needs, with the private key, to derive that backend's data keys.
+-- key_id names a writer_key row, but without a foreign key: these tables are
+-- dumped as extension configuration, and pg_restore -j loads their data in
+-- parallel, in any order (only the extension writes them, and never deletes).
 CREATE SEQUENCE subject_audit.writer_context_context_id_seq AS bigint;
 CREATE TABLE subject_audit.writer_context (
     context_id bigint PRIMARY KEY DEFAULT nextval('subject_audit.writer_context_context_id_seq'),
-    key_id integer NOT NULL REFERENCES subject_audit.writer_key,
+    key_id integer NOT NULL,
     encapsulated_key bytea NOT NULL,
     created_at timestamptz NOT NULL DEFAULT now()
 );
