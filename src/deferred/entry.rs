@@ -7,6 +7,8 @@
 //! ```
 //! Pure Rust, so the codec is tested without PostgreSQL.
 
+use crate::recorder::StatementContext;
+
 const VERSION: u8 = 1;
 const FAILED: u8 = 1;
 const ROWS: u8 = 2;
@@ -16,8 +18,9 @@ const ROWS: u8 = 2;
 pub struct Entry {
     /// A failed change (status `error`), else a read (status `ok`).
     pub failed: bool,
-    /// Statement start, microseconds since 2000-01-01 (PostgreSQL's epoch).
-    pub at: i64,
+    /// Who, when (statement start) and why, as the statement's backend saw
+    /// it; its `txid` is unused: the events are the writer's transaction's.
+    pub who: StatementContext,
     /// `READ`, `INSERT`, `UPDATE`, `DELETE`, `MERGE` or `TRUNCATE`.
     pub operation: String,
     /// Plain metadata: `select public.customers`, never a value.
@@ -31,12 +34,6 @@ pub struct Entry {
     pub sqlstate: Option<String>,
     /// The error message and detail; encrypted by the writer.
     pub message: Option<String>,
-    pub actor: String,
-    pub db_role: String,
-    pub session_role: String,
-    pub application_name: Option<String>,
-    pub client_addr: Option<String>,
-    pub reason: Option<String>,
     /// Subject values as text; each gets an event. None: one event of nobody's.
     pub subjects: Vec<Vec<u8>>,
 }
@@ -68,19 +65,13 @@ impl Entry {
     pub fn same_but_subjects(&self, other: &Entry) -> bool {
         self.failed == other.failed
             && self.rows.is_some() == other.rows.is_some()
-            && self.at == other.at
+            && self.who == other.who
             && self.operation == other.operation
             && self.title == other.title
             && self.table_name == other.table_name
             && self.columns == other.columns
             && self.sqlstate == other.sqlstate
             && self.message == other.message
-            && self.actor == other.actor
-            && self.db_role == other.db_role
-            && self.session_role == other.session_role
-            && self.application_name == other.application_name
-            && self.client_addr == other.client_addr
-            && self.reason == other.reason
     }
 
     /// Cuts the free-text fields and the column list to their limits, so
@@ -103,14 +94,16 @@ impl Entry {
                 .map(|c| cut(c))
                 .collect(),
             sqlstate: self.sqlstate.as_deref().map(cut),
-            actor: cut(&self.actor),
-            db_role: cut(&self.db_role),
-            session_role: cut(&self.session_role),
-            application_name: self.application_name.as_deref().map(cut),
-            client_addr: self.client_addr.as_deref().map(cut),
-            reason: self.reason.as_deref().map(cut),
+            who: StatementContext {
+                actor: cut(&self.who.actor),
+                db_role: cut(&self.who.db_role),
+                session_role: cut(&self.who.session_role),
+                application_name: self.who.application_name.as_deref().map(cut),
+                client_addr: self.who.client_addr.as_deref().map(cut),
+                reason: self.who.reason.as_deref().map(cut),
+                ..self.who.clone()
+            },
             failed: self.failed,
-            at: self.at,
             operation: self.operation.clone(),
             rows: self.rows,
             message: self.message.clone(),
@@ -133,7 +126,7 @@ impl Entry {
         let flags =
             if self.failed { FAILED } else { 0 } | if self.rows.is_some() { ROWS } else { 0 };
         out.push(flags);
-        out.extend_from_slice(&self.at.to_le_bytes());
+        out.extend_from_slice(&self.who.at.to_le_bytes());
         if let Some(rows) = self.rows {
             put_varint(out, rows);
         }
@@ -147,10 +140,11 @@ impl Entry {
         for s in [&self.sqlstate, &self.message] {
             put(out, s.as_deref().map(str::as_bytes));
         }
-        for s in [&self.actor, &self.db_role, &self.session_role] {
+        let who = &self.who;
+        for s in [&who.actor, &who.db_role, &who.session_role] {
             put(out, Some(s.as_bytes()));
         }
-        for s in [&self.application_name, &self.client_addr, &self.reason] {
+        for s in [&who.application_name, &who.client_addr, &who.reason] {
             put(out, s.as_deref().map(str::as_bytes));
         }
     }
@@ -243,12 +237,16 @@ impl Entry {
             .collect::<Result<_, _>>()?;
         let sqlstate = r.string()?;
         let message = r.string()?;
-        let actor = r.string()?.unwrap_or_default();
-        let db_role = r.string()?.unwrap_or_default();
-        let session_role = r.string()?.unwrap_or_default();
-        let application_name = r.string()?;
-        let client_addr = r.string()?;
-        let reason = r.string()?;
+        let who = StatementContext {
+            at,
+            txid: 0,
+            actor: r.string()?.unwrap_or_default(),
+            db_role: r.string()?.unwrap_or_default(),
+            session_role: r.string()?.unwrap_or_default(),
+            application_name: r.string()?,
+            client_addr: r.string()?,
+            reason: r.string()?,
+        };
         let subjects = (0..r.count()?)
             .map(|_| r.bytes().map(|b| b.unwrap_or_default().to_vec()))
             .collect::<Result<_, _>>()?;
@@ -257,7 +255,7 @@ impl Entry {
         }
         Ok(Entry {
             failed,
-            at,
+            who,
             operation,
             title,
             rows,
@@ -265,12 +263,6 @@ impl Entry {
             columns,
             sqlstate,
             message,
-            actor,
-            db_role,
-            session_role,
-            application_name,
-            client_addr,
-            reason,
             subjects,
         })
     }
@@ -361,7 +353,16 @@ mod tests {
     fn sample() -> Entry {
         Entry {
             failed: true,
-            at: 123_456_789,
+            who: StatementContext {
+                at: 123_456_789,
+                txid: 0,
+                actor: "support:7".into(),
+                db_role: "app".into(),
+                session_role: "app".into(),
+                application_name: None,
+                client_addr: Some("10.0.0.7".into()),
+                reason: Some("ticket #1".into()),
+            },
             operation: "INSERT".into(),
             title: "insert public.customers".into(),
             rows: None,
@@ -369,12 +370,6 @@ mod tests {
             columns: vec!["email".into(), "name".into()],
             sqlstate: Some("23505".into()),
             message: Some("duplicate key value violates unique constraint \"c_email_key\"\nDETAIL: Key (email)=(ann@example.com) already exists.".into()),
-            actor: "support:7".into(),
-            db_role: "app".into(),
-            session_role: "app".into(),
-            application_name: None,
-            client_addr: Some("10.0.0.7".into()),
-            reason: Some("ticket #1".into()),
             subjects: vec![b"c-1".to_vec(), b"c-2".to_vec()],
         }
     }
@@ -492,8 +487,8 @@ mod tests {
     #[test]
     fn split_bounds_whatever_a_session_can_set() {
         let mut entry = sample();
-        entry.reason = Some("r".repeat(100_000));
-        entry.actor = "a".repeat(100_000);
+        entry.who.reason = Some("r".repeat(100_000));
+        entry.who.actor = "a".repeat(100_000);
         entry.columns = (0..5000).map(|i| format!("column_{i}")).collect();
         let (parts, left_out) = entry.split(4096);
         assert_eq!(left_out, 0);
@@ -502,7 +497,10 @@ mod tests {
             .map(|p| Entry::decode(&p.bytes).expect("decodes"))
             .collect();
         assert!(parts.iter().all(|p| p.bytes.len() <= 4096));
-        assert_eq!(decoded[0].reason.as_deref().map(str::len), Some(MAX_TEXT));
+        assert_eq!(
+            decoded[0].who.reason.as_deref().map(str::len),
+            Some(MAX_TEXT)
+        );
         assert_eq!(decoded[0].columns.len(), MAX_COLUMNS);
         let subjects: usize = decoded.iter().map(|e| e.subjects.len()).sum();
         assert_eq!(subjects, entry.subjects.len());

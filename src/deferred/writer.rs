@@ -251,26 +251,22 @@ fn in_transaction(f: impl FnOnce()) -> Outcome {
 
 /// Who and when, as the statement's backend saw it; the transaction is the writer's.
 fn context(entry: &Entry) -> StatementContext {
-    let worker = || "pg_subject_audit writer".to_owned();
+    let who = &entry.who;
+    let or_writer = |name: &String| match name.is_empty() {
+        true => "pg_subject_audit writer".to_owned(),
+        false => name.clone(),
+    };
     StatementContext {
-        at: if entry.at == 0 {
+        at: if who.at == 0 {
             unsafe { pg_sys::GetCurrentTimestamp() }
         } else {
-            entry.at
+            who.at
         },
         txid: unsafe { pg_sys::GetTopFullTransactionId() }.value,
-        actor: Some(entry.actor.clone())
-            .filter(|a| !a.is_empty())
-            .unwrap_or_else(worker),
-        db_role: Some(entry.db_role.clone())
-            .filter(|a| !a.is_empty())
-            .unwrap_or_else(worker),
-        session_role: Some(entry.session_role.clone())
-            .filter(|a| !a.is_empty())
-            .unwrap_or_else(worker),
-        application_name: entry.application_name.clone(),
-        client_addr: entry.client_addr.clone(),
-        reason: entry.reason.clone(),
+        actor: or_writer(&who.actor),
+        db_role: or_writer(&who.db_role),
+        session_role: or_writer(&who.session_role),
+        ..who.clone()
     }
 }
 
@@ -320,7 +316,8 @@ fn drafts(entry: &Entry) -> Vec<Draft> {
         (!entry.columns.is_empty()).then(|| entry.columns.clone().into());
     let payload = || {
         Some(Zeroizing::new(
-            PayloadWriter::with_note(entry.reason.as_deref(), entry.message.as_deref()).finish(),
+            PayloadWriter::with_note(entry.who.reason.as_deref(), entry.message.as_deref())
+                .finish(),
         ))
     };
     if entry.subjects.is_empty() {

@@ -17,6 +17,7 @@ use super::{Frame, Kind, FRAMES};
 use crate::capture;
 use crate::deferred::Entry;
 use crate::recorder::StatementContext;
+use crate::store;
 
 /// Subject values noted per statement; more rows are counted, not itemized.
 const MAX_SUBJECTS: usize = 10_000;
@@ -104,7 +105,8 @@ impl Change {
             sqlstate,
             message: Some(message),
             subjects,
-            ..super::entry_for(who)
+            who: who.clone(),
+            ..Entry::default()
         }
     }
 }
@@ -132,7 +134,7 @@ pub unsafe fn plan(
     for i in 0..(*result_relations).length as usize {
         let index = (*(*result_relations).elements.add(i)).int_value;
         let rte = pg_sys::list_nth((*stmt).rtable, index - 1) as *mut pg_sys::RangeTblEntry;
-        add_table(&mut tables, (*rte).relid);
+        add_table(&mut tables, Some((*rte).relid));
     }
     Change::new(operation, tables)
 }
@@ -149,12 +151,12 @@ pub unsafe fn plan_utility(node: *mut pg_sys::Node) -> Option<Change> {
             if !(*copy).is_from || (*copy).relation.is_null() {
                 return None;
             }
-            add_table(&mut tables, relation_id((*copy).relation));
+            add_table(&mut tables, store::relation_id((*copy).relation));
             "INSERT"
         }
         pg_sys::NodeTag::T_TruncateStmt => {
             for relation in super::list_items((*(node as *mut pg_sys::TruncateStmt)).relations) {
-                add_table(&mut tables, relation_id(relation.cast()));
+                add_table(&mut tables, store::relation_id(relation.cast()));
             }
             "TRUNCATE"
         }
@@ -163,20 +165,10 @@ pub unsafe fn plan_utility(node: *mut pg_sys::Node) -> Option<Change> {
     Change::new(operation, tables)
 }
 
-unsafe fn relation_id(relation: *mut pg_sys::RangeVar) -> pg_sys::Oid {
-    pg_sys::RangeVarGetRelidExtended(
-        relation,
-        pg_sys::NoLock as i32,
-        pg_sys::RVROption::RVR_MISSING_OK,
-        None,
-        std::ptr::null_mut(),
-    )
-}
-
-unsafe fn add_table(tables: &mut Vec<String>, relid: pg_sys::Oid) {
-    if relid == pg_sys::InvalidOid {
+unsafe fn add_table(tables: &mut Vec<String>, relid: Option<pg_sys::Oid>) {
+    let Some(relid) = relid else {
         return;
-    }
+    };
     if let Some(meta) = capture::tracked_table(relid) {
         if !tables.contains(&meta.name) {
             tables.push(meta.name.clone());

@@ -593,17 +593,3 @@ unsafe fn list_items(list: *mut pg_sys::List) -> Vec<*mut std::ffi::c_void> {
         .map(|i| (*(*list).elements.add(i)).ptr_value)
         .collect()
 }
-
-/// Entry fields every event of a frame shares.
-fn entry_for(who: &StatementContext) -> Entry {
-    Entry {
-        at: who.at,
-        actor: who.actor.clone(),
-        db_role: who.db_role.clone(),
-        session_role: who.session_role.clone(),
-        application_name: who.application_name.clone(),
-        client_addr: who.client_addr.clone(),
-        reason: who.reason.clone(),
-        ..Entry::default()
-    }
-}

@@ -143,16 +143,7 @@ pub unsafe fn plan_copy_to(node: *mut pg_sys::Node) -> Option<Box<Reading>> {
     if (*copy).is_from || (*copy).relation.is_null() {
         return None;
     }
-    let relid = pg_sys::RangeVarGetRelidExtended(
-        (*copy).relation,
-        pg_sys::NoLock as i32,
-        pg_sys::RVROption::RVR_MISSING_OK,
-        None,
-        std::ptr::null_mut(),
-    );
-    if relid == pg_sys::InvalidOid {
-        return None;
-    }
+    let relid = store::relation_id((*copy).relation)?;
     let meta = capture::tracked_table(relid)?;
     let named: Vec<String> = super::list_items((*copy).attlist)
         .into_iter()
@@ -301,7 +292,8 @@ impl Reading {
                 table_name: table.meta.name.clone(),
                 columns: columns.to_vec(),
                 subjects,
-                ..super::entry_for(who)
+                who: who.clone(),
+                ..Entry::default()
             };
             let name = &table.meta.name;
             if table.subject_outputs.is_empty() {

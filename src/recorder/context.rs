@@ -7,7 +7,7 @@ use pgrx::prelude::*;
 
 use crate::store;
 
-#[derive(Clone)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct StatementContext {
     pub at: i64,
     pub txid: u64,

@@ -191,14 +191,7 @@ unsafe extern "C-unwind" fn process_utility(
         tracking::forget_dropped_tables(&before);
     }
     if let Some((partition, attached)) = partition {
-        let relid = pg_sys::RangeVarGetRelidExtended(
-            partition,
-            pg_sys::NoLock as i32,
-            pg_sys::RVROption::RVR_MISSING_OK,
-            None,
-            std::ptr::null_mut(),
-        );
-        if relid != pg_sys::InvalidOid {
+        if let Some(relid) = store::relation_id(partition) {
             tracking::follow_partition(relid, attached);
         }
     }

@@ -416,16 +416,9 @@ pub(super) unsafe fn refuse_subject_column_drop(node: *mut pg_sys::Node) {
     if drops.is_empty() || (*stmt).relation.is_null() {
         return;
     }
-    let relid = pg_sys::RangeVarGetRelidExtended(
-        (*stmt).relation,
-        pg_sys::NoLock as i32,
-        pg_sys::RVROption::RVR_MISSING_OK,
-        None,
-        std::ptr::null_mut(),
-    );
-    if relid == pg_sys::InvalidOid {
+    let Some(relid) = store::relation_id((*stmt).relation) else {
         return;
-    }
+    };
     let subject = store::as_owner(|| {
         store::select_one::<String>(
             "SELECT a.attname::pg_catalog.text FROM subject_audit.tracked_table t \

@@ -69,6 +69,22 @@ pub fn select_one<A: pgrx::FromDatum + pgrx::IntoDatum>(
     pgrx::spi::Spi::connect(|client| client.select(query, Some(1), args)?.first().get_one())
 }
 
+/// The relation a statement's RangeVar names, if it exists. No lock is
+/// taken: the statement takes (or holds) its own.
+///
+/// # Safety
+/// `range_var` must point to a valid RangeVar.
+pub unsafe fn relation_id(range_var: *mut pg_sys::RangeVar) -> Option<Oid> {
+    let relid = pg_sys::RangeVarGetRelidExtended(
+        range_var,
+        pg_sys::NoLock as i32,
+        pg_sys::RVROption::RVR_MISSING_OK,
+        None,
+        std::ptr::null_mut(),
+    );
+    (relid != pg_sys::InvalidOid).then_some(relid)
+}
+
 /// The audit schema's relations, resolved by name inside the schema only.
 pub fn relations() -> Relations {
     if let Some(r) = RELATIONS.with(Cell::get) {
