@@ -108,7 +108,7 @@ pub extern "C-unwind" fn _PG_init() {
     // Registration order matters: these relcache callbacks consult the
     // relation OIDs that `store` forgets in its own callback, registered last.
     let preloading = unsafe { pg_sys::process_shared_preload_libraries_in_progress };
-    keyring::init();
+    keyring::init(preloading);
     capture::init();
     store::init();
     ledger::worker::init();

@@ -49,6 +49,22 @@ SELECT subject_audit.forget_subject('nobody we know') AS events_of_nobody;
 -- The other session writes again: never under the erased salt.
 SELECT dblink_exec('w', $$UPDATE users SET email = 'ada@after.example' WHERE id = 1$$);
 SELECT dblink_disconnect('w');
+-- Nor does a new backend, which finds keys in the shared cache that 'w' filled.
+SELECT dblink_connect('fresh', format('dbname=%s host=%s port=%s', current_database(),
+                                      current_setting('unix_socket_directories'), current_setting('port')));
+SELECT dblink_exec('fresh', $$UPDATE users SET email = 'ada@fresh.example' WHERE id = 1$$);
+SELECT dblink_disconnect('fresh');
+-- The events of 'w' and 'fresh' are under ada's new key.
+SELECT e.event_id, k.erased_at IS NULL AS under_live_key
+FROM (SELECT event_id, subject_key_id FROM subject_audit.event
+      WHERE operation = 'UPDATE' ORDER BY event_id DESC LIMIT 2) e
+JOIN subject_audit.subject_key k USING (subject_key_id) ORDER BY e.event_id;
+-- An erasure cannot be prepared (it would commit where nothing evicts the
+-- cached salt); the refused transaction erased nothing.
+BEGIN;
+SELECT subject_audit.forget_subject('ben') AS events_of_ben;
+PREPARE TRANSACTION 'erase ben';
+SELECT count(*) FILTER (WHERE erased_at IS NOT NULL) AS erased_keys FROM subject_audit.subject_key;
 -- Ada now has an erased key and a fresh one; Ben his one key.
 SELECT count(*) AS subject_keys, count(*) FILTER (WHERE salt IS NULL AND erased_at IS NOT NULL) AS erased
 FROM subject_audit.subject_key;

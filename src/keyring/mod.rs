@@ -1,10 +1,12 @@
-//! Key material held in backend memory only.
+//! Key material held in memory: the backend's own, and (salts only) shared.
 //!
 //! - `session`: the reader side, private keys this session unlocked and the
 //!   HPKE receiver contexts derived from them.
 //! - `binding`: the subject a customer-facing session is bound to, if any.
 //! - `writer`: the writer side, this backend's HPKE sender context, the
 //!   subject keys it has used and the subject digester.
+//! - `shared`: subject keys cached in shared memory for every backend
+//!   (committed keys only; erasure evicts).
 //!
 //! Caches here never outlive the truth: entries created in a transaction are
 //! dropped if it (or the savepoint that created them) rolls back, and a
@@ -13,6 +15,7 @@
 
 mod binding;
 mod session;
+mod shared;
 mod writer;
 
 pub use binding::{bind, bind_from_setting, check_bound, is_bound};
@@ -20,15 +23,19 @@ pub use session::{
     ensure_unlocked, lock, reader_data_key, stash_from_setting, unlock, unlock_pending,
     KeyNotUnlocked,
 };
-pub use writer::{subject_digest, subject_keys, writer_context};
+pub use writer::{note_erased, subject_digest, subject_keys, writer_context};
 
 use pgrx::pg_sys;
 
 /// `InvalidSubTransactionId`: an abort of the whole transaction.
 pub(crate) const INVALID_SUBTRANSACTION_ID: pg_sys::SubTransactionId = 0;
 
-/// Registers the callbacks that keep the caches honest. Called from `_PG_init`.
-pub fn init() {
+/// Registers the callbacks that keep the caches honest, and the shared
+/// cache when preloading. Called from `_PG_init`.
+pub fn init(preloading: bool) {
+    if preloading {
+        shared::init();
+    }
     unsafe {
         pg_sys::CacheRegisterRelcacheCallback(
             Some(on_relcache_invalidation),
@@ -54,6 +61,7 @@ unsafe extern "C-unwind" fn on_xact_event(
         pg_sys::XactEvent::XACT_EVENT_COMMIT | pg_sys::XactEvent::XACT_EVENT_PARALLEL_COMMIT => {
             writer::on_commit()
         }
+        pg_sys::XactEvent::XACT_EVENT_PRE_PREPARE => writer::before_prepare(),
         // A prepared transaction may still roll back: forget what it created.
         pg_sys::XactEvent::XACT_EVENT_ABORT
         | pg_sys::XactEvent::XACT_EVENT_PARALLEL_ABORT

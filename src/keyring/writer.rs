@@ -12,7 +12,7 @@ use pgrx::PgSqlErrorCode::*;
 use pgrx::{PgBuiltInOids, PgOid};
 use zeroize::Zeroizing;
 
-use super::INVALID_SUBTRANSACTION_ID;
+use super::{shared, INVALID_SUBTRANSACTION_ID};
 use crate::crypto::{self, SenderContext, SubjectDigester, DIGEST_LEN};
 use crate::store::{self, error::raise, error::raise_with_hint};
 
@@ -49,6 +49,17 @@ struct WriterState {
     digester: Option<Cached<SubjectDigester>>,
     /// OIDs of the tables whose invalidation clears the caches above.
     watched: Option<(pg_sys::Oid, pg_sys::Oid)>,
+    /// Keys this transaction created, for the shared cache once it commits.
+    created: Option<Created>,
+    /// Subjects this transaction erased, evicted again once it commits.
+    erased: Option<(shared::Scope, Vec<[u8; DIGEST_LEN]>)>,
+}
+
+struct Created {
+    scope: shared::Scope,
+    /// The shared cache's generation before the first of them was created.
+    seen: u64,
+    keys: Vec<([u8; DIGEST_LEN], SubjectKey, pg_sys::SubTransactionId)>,
 }
 
 thread_local! {
@@ -220,15 +231,7 @@ pub fn subject_keys(digests: &[[u8; DIGEST_LEN]]) -> HashMap<[u8; DIGEST_LEN], S
     }
     watch_tables();
     let seen = generation();
-    let mut loaded = load_subject_keys(&missing);
-    let new: Vec<_> = missing
-        .iter()
-        .filter(|d| !loaded.contains_key(*d))
-        .copied()
-        .collect();
-    if !new.is_empty() {
-        loaded.extend(create_subject_keys(&new));
-    }
+    let loaded = load_or_create(&missing);
     if generation() != seen {
         // A subject was erased meanwhile: these keys serve this statement only.
         found.extend(loaded);
@@ -247,6 +250,97 @@ pub fn subject_keys(digests: &[[u8; DIGEST_LEN]]) -> HashMap<[u8; DIGEST_LEN], S
     });
     found.extend(loaded);
     found
+}
+
+/// Keys of subjects missing from this backend's cache: from the shared
+/// cache, then the table, then new ones.
+fn load_or_create(missing: &[[u8; DIGEST_LEN]]) -> HashMap<[u8; DIGEST_LEN], SubjectKey> {
+    let scope = shared::scope(store::relations().subject_key);
+    let shared_seen = shared::generation();
+    let mut loaded: HashMap<[u8; DIGEST_LEN], SubjectKey> = scope
+        .map(|scope| shared::lookup(scope, missing))
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(digest, id, salt)| (digest, subject_key(id, salt)))
+        .collect();
+    let misses: Vec<_> = missing
+        .iter()
+        .filter(|d| !loaded.contains_key(*d))
+        .copied()
+        .collect();
+    if misses.is_empty() {
+        return loaded;
+    }
+    let read = load_subject_keys(&misses);
+    if let Some(scope) = scope {
+        // Only keys known to be committed: read under a fresh snapshot (not
+        // a REPEATABLE READ one, which may predate an erasure), by a
+        // transaction that has created none (it would see its own).
+        let fresh = unsafe { pg_sys::XactIsoLevel } < pg_sys::XACT_REPEATABLE_READ as i32;
+        if fresh && WRITER.with(|w| w.borrow().created.is_none()) {
+            shared::publish(
+                scope,
+                shared_seen,
+                read.iter().map(|(d, k)| (d, k.subject_key_id, &**k.salt)),
+            );
+        }
+    }
+    loaded.extend(read);
+    let new: Vec<_> = misses
+        .iter()
+        .filter(|d| !loaded.contains_key(*d))
+        .copied()
+        .collect();
+    if !new.is_empty() {
+        let created = create_subject_keys(&new);
+        if let Some(scope) = scope {
+            let since = current_subxact().unwrap_or_default();
+            WRITER.with(|w| {
+                let mut w = w.borrow_mut();
+                let pending = w.created.get_or_insert_with(|| Created {
+                    scope,
+                    seen: shared_seen,
+                    keys: Vec::new(),
+                });
+                pending
+                    .keys
+                    .extend(created.iter().map(|(d, k)| (*d, k.clone(), since)));
+            });
+        }
+        loaded.extend(created);
+    }
+    loaded
+}
+
+fn subject_key(subject_key_id: i64, salt: [u8; 32]) -> SubjectKey {
+    SubjectKey {
+        subject_key_id,
+        salt: Rc::new(Zeroizing::new(salt)),
+    }
+}
+
+/// Notes that this transaction erases the subject: its shared cache entry
+/// goes now and again at commit (a lookup in between may have put it back).
+pub fn note_erased(digest: [u8; DIGEST_LEN]) {
+    let Some(scope) = shared::scope(store::relations().subject_key) else {
+        return;
+    };
+    shared::evict(scope, &[digest]);
+    WRITER.with(|w| {
+        w.borrow_mut()
+            .erased
+            .get_or_insert_with(|| (scope, Vec::new()))
+            .1
+            .push(digest)
+    });
+}
+
+/// A prepared transaction commits in another session, where no callback
+/// of ours would evict what it erased.
+pub(super) fn before_prepare() {
+    if WRITER.with(|w| w.borrow().erased.is_some()) {
+        pgrx::error!("a transaction that erased a subject (forget_subject) cannot be prepared");
+    }
 }
 
 fn collect_keys(table: pgrx::spi::SpiTupleTable<'_>) -> HashMap<[u8; DIGEST_LEN], SubjectKey> {
@@ -277,10 +371,6 @@ const LOAD_SUBJECT_KEYS: &str = "SELECT k.subject_digest, k.subject_key_id, k.sa
      FROM subject_audit.subject_key k \
      WHERE k.subject_digest OPERATOR(pg_catalog.=) ANY ($1) AND k.erased_at IS NULL";
 
-const LOAD_SUBJECT_KEY: &str = "SELECT k.subject_digest, k.subject_key_id, k.salt \
-     FROM subject_audit.subject_key k \
-     WHERE k.subject_digest OPERATOR(pg_catalog.=) $1 AND k.erased_at IS NULL";
-
 const CREATE_SUBJECT_KEYS: &str = "INSERT INTO subject_audit.subject_key AS k (subject_digest, salt) \
      SELECT d, s FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.bytea[]), pg_catalog.unnest($2::pg_catalog.bytea[])) AS u(d, s) \
      ON CONFLICT (subject_digest, erased_at) \
@@ -293,10 +383,10 @@ const CREATE_SUBJECT_KEY: &str =
      DO UPDATE SET subject_digest = excluded.subject_digest \
      RETURNING k.subject_digest, k.subject_key_id, k.salt";
 
-/// Up to this many subjects a statement runs a one-subject statement per
-/// subject, prepared once per backend (its generic plan is an index probe,
-/// never replanned); beyond it, one statement for the whole batch, planned
-/// for it (for thousands of subjects the planner picks a hashed scan).
+/// Up to this many subjects, keys are created by a one-subject statement per
+/// subject, prepared once per backend (never replanned), and looked up by
+/// index probes; beyond it, one statement for the whole batch, planned for
+/// it (for thousands of subjects the planner picks a hashed scan).
 const PER_SUBJECT_BATCH: usize = 16;
 
 fn subject_key_error(e: pgrx::spi::SpiError) -> ! {
@@ -307,17 +397,17 @@ fn subject_key_error(e: pgrx::spi::SpiError) -> ! {
 }
 
 /// Runs `batch_query` with bytea-array arguments once, or `single_query`
-/// with bytea arguments once per row of them, as the extension owner.
+/// (if any) with bytea arguments once per row of them, as the extension owner.
 fn run_subject_key_query(
     batch_query: &'static str,
-    single_query: &'static str,
+    single_query: Option<&'static str>,
     columns: Vec<Vec<Vec<u8>>>,
 ) -> HashMap<[u8; DIGEST_LEN], SubjectKey> {
     let rows = columns.first().map_or(0, Vec::len);
     store::as_owner(|| {
         Spi::connect_mut(|client| {
             let mut keys = HashMap::with_capacity(rows);
-            if rows <= PER_SUBJECT_BATCH {
+            if let Some(single_query) = single_query.filter(|_| rows <= PER_SUBJECT_BATCH) {
                 let types = vec![PgOid::BuiltIn(PgBuiltInOids::BYTEAOID); columns.len()];
                 let plan = store::prepared(client, single_query, &types);
                 for row in 0..rows {
@@ -341,23 +431,24 @@ fn run_subject_key_query(
     })
 }
 
+/// Probing the index costs a few microseconds a subject; the batch query's
+/// plan for thousands of subjects scans the whole key table. Probe unless
+/// the subjects are a sizeable share of the table (a bulk change of cold
+/// subjects), as the planner's row estimate tells.
+fn probing_is_cheaper(subjects: usize) -> bool {
+    subjects <= PER_SUBJECT_BATCH
+        || subjects as f64 * 32.0 <= store::estimated_rows(store::relations().subject_key)
+}
+
 fn load_subject_keys(digests: &[[u8; DIGEST_LEN]]) -> HashMap<[u8; DIGEST_LEN], SubjectKey> {
-    if digests.len() <= PER_SUBJECT_BATCH {
+    if probing_is_cheaper(digests.len()) {
         return store::probe_live_subject_keys(digests)
             .into_iter()
-            .map(|(digest, id, salt)| {
-                (
-                    digest,
-                    SubjectKey {
-                        subject_key_id: id,
-                        salt: Rc::new(Zeroizing::new(salt)),
-                    },
-                )
-            })
+            .map(|(digest, id, salt)| (digest, subject_key(id, salt)))
             .collect();
     }
     let digests = digests.iter().map(|d| d.to_vec()).collect::<Vec<_>>();
-    run_subject_key_query(LOAD_SUBJECT_KEYS, LOAD_SUBJECT_KEY, vec![digests])
+    run_subject_key_query(LOAD_SUBJECT_KEYS, None, vec![digests])
 }
 
 fn create_subject_keys(digests: &[[u8; DIGEST_LEN]]) -> HashMap<[u8; DIGEST_LEN], SubjectKey> {
@@ -370,12 +461,29 @@ fn create_subject_keys(digests: &[[u8; DIGEST_LEN]]) -> HashMap<[u8; DIGEST_LEN]
     // wins and is returned here (DO UPDATE, because DO NOTHING returns no row).
     run_subject_key_query(
         CREATE_SUBJECT_KEYS,
-        CREATE_SUBJECT_KEY,
+        Some(CREATE_SUBJECT_KEY),
         vec![digests, salts],
     )
 }
 
 pub(super) fn on_commit() {
+    let (created, erased) = WRITER.with(|w| {
+        let mut w = w.borrow_mut();
+        (w.created.take(), w.erased.take())
+    });
+    if let Some(created) = created {
+        shared::publish(
+            created.scope,
+            created.seen,
+            created
+                .keys
+                .iter()
+                .map(|(d, k, _)| (d, k.subject_key_id, &**k.salt)),
+        );
+    }
+    if let Some((scope, digests)) = erased {
+        shared::evict(scope, &digests);
+    }
     // Under REPEATABLE READ or SERIALIZABLE, lookups read the transaction's
     // snapshot, which may predate a key retirement or an erasure that this
     // backend has already been told about: keep nothing they loaded.
@@ -405,6 +513,12 @@ pub(super) fn on_abort(subid: pg_sys::SubTransactionId) {
             .is_some_and(|c| c.since.is_some_and(|s| s >= subid))
         {
             w.digester = None;
+        }
+        if subid == INVALID_SUBTRANSACTION_ID {
+            w.created = None;
+            w.erased = None;
+        } else if let Some(created) = w.created.as_mut() {
+            created.keys.retain(|(_, _, since)| *since < subid);
         }
         if w.context
             .as_ref()

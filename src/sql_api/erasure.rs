@@ -42,6 +42,7 @@ fn forget_subject(token: Option<&str>) -> i64 {
     if let Some(&subject_key_id) = erased.first() {
         // Every backend drops its cached salts at commit: none encrypts under this one again.
         store::invalidate(store::relations().subject_key);
+        keyring::note_erased(subject_digest);
         admin::record_for(
             "ERASE",
             "erase subject",

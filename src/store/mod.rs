@@ -274,6 +274,19 @@ pub fn probe_live_subject_keys(digests: &[[u8; 32]]) -> Vec<([u8; 32], i64, [u8;
     found
 }
 
+/// The planner's estimate of a table's rows (negative when never analyzed).
+pub fn estimated_rows(relid: Oid) -> f64 {
+    unsafe {
+        let relation = pg_sys::RelationIdGetRelation(relid);
+        if relation.is_null() {
+            return -1.0;
+        }
+        let rows = (*(*relation).rd_rel).reltuples;
+        pg_sys::RelationClose(relation);
+        f64::from(rows)
+    }
+}
+
 /// A string setting, `None` when unset or empty.
 pub fn setting(name: &std::ffi::CStr) -> Option<String> {
     let value = unsafe { pg_sys::GetConfigOption(name.as_ptr(), true, false) };
