@@ -178,6 +178,29 @@ mod tests {
         .unwrap();
     }
 
+    #[pg_test]
+    fn an_index_probe_finds_the_live_key_behind_an_erased_one() {
+        let digest = [7u8; 32];
+        // The erased key sorts first in the index (erased_at NULLS LAST).
+        Spi::run_with_args(
+            "INSERT INTO subject_audit.subject_key (subject_digest, salt, erased_at)
+             VALUES ($1, NULL, now())",
+            &[digest.to_vec().into()],
+        )
+        .unwrap();
+        let live: i64 = Spi::get_one_with_args(
+            "INSERT INTO subject_audit.subject_key (subject_digest, salt)
+             VALUES ($1, decode(repeat('ab', 32), 'hex')) RETURNING subject_key_id",
+            &[digest.to_vec().into()],
+        )
+        .unwrap()
+        .unwrap();
+        let found = crate::store::probe_live_subject_keys(&[digest]);
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].1, live);
+        assert_eq!(found[0].2, [0xab; 32]);
+    }
+
     #[pg_test(error = "this public key is already installed as key 1")]
     fn a_key_is_installed_once() {
         Spi::run(

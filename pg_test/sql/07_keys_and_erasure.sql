@@ -59,6 +59,24 @@ SELECT e.event_id, k.erased_at IS NULL AS under_live_key
 FROM (SELECT event_id, subject_key_id FROM subject_audit.event
       WHERE operation = 'UPDATE' ORDER BY event_id DESC LIMIT 2) e
 JOIN subject_audit.subject_key k USING (subject_key_id) ORDER BY e.event_id;
+-- A transaction erases ben, then blanks his row. Meanwhile another backend,
+-- which cannot see the uncommitted erasure, writes for ben with his old key
+-- and caches it again in the shared cache: the erasing transaction must not
+-- take it from there (its own event would be encrypted under the salt it erases).
+BEGIN;
+SELECT subject_audit.forget_subject('ben') AS events_of_ben;
+SELECT dblink_connect('other', format('dbname=%s host=%s port=%s', current_database(),
+                                      current_setting('unix_socket_directories'), current_setting('port')));
+SELECT dblink_exec('other', $$UPDATE users SET email = 'ben@other.example' WHERE id = 2$$);
+SELECT dblink_disconnect('other');
+UPDATE users SET email = NULL WHERE id = 2;
+COMMIT;
+-- The other backend's event is under the old key (written while the erasure
+-- was under way: unreadable, as documented); the erasing transaction's is under a new one.
+SELECT e.event_id, k.erased_at IS NULL AS under_live_key
+FROM (SELECT event_id, subject_key_id FROM subject_audit.event
+      WHERE operation = 'UPDATE' ORDER BY event_id DESC LIMIT 2) e
+JOIN subject_audit.subject_key k USING (subject_key_id) ORDER BY e.event_id;
 -- An erasure cannot be prepared (it would commit where nothing evicts the
 -- cached salt); the refused transaction erased nothing.
 BEGIN;
@@ -75,7 +93,8 @@ SELECT subject_audit.unlock(decode(:'sk1', 'hex')), subject_audit.unlock(decode(
 SELECT event_id, operation, status, description, before, after FROM subject_audit.audit_for_subject('ada');
 SELECT min(event_id) AS ada_first FROM subject_audit.audit_for_subject('ada') \gset
 SELECT * FROM subject_audit.audit_event('ada', :ada_first);
--- Ben is untouched.
+-- Ben's trail: his values before the erasure are gone, the concurrent write under
+-- the old key too; the erasing transaction's own write reads under his new key.
 SELECT event_id, operation, after FROM subject_audit.audit_for_subject('ben');
 -- The admin trail (no subject, no payload).
 SELECT event_id, operation, title, table_name, actor FROM subject_audit.events

@@ -21,6 +21,9 @@ INSERT INTO customers VALUES (1, 'c-1', 'ann@example.com', '555-0101'),
                              (3, 'c-3', 'cy@example.com', '555-0103');
 CREATE ROLE r18_app LOGIN;
 GRANT SELECT, INSERT, UPDATE, DELETE ON customers, orders TO r18_app;
+-- Only to order a savepoint's failure event before the transaction's next one (part 6).
+GRANT USAGE ON SCHEMA subject_audit TO r18_app;
+GRANT EXECUTE ON FUNCTION subject_audit.wait_for_writer(integer) TO r18_app;
 -- What the trail of one subject holds, by operation and status.
 CREATE FUNCTION trail(token text) RETURNS TABLE (operation text, status text, sqlstate text, title text,
                                                  description text, actor text, changed_columns text[])
@@ -174,6 +177,9 @@ BEGIN;
 SAVEPOINT s;
 DELETE FROM customers WHERE id = 1;
 ROLLBACK TO SAVEPOINT s;
+-- The failure is written by the background writer, in its own transaction,
+-- while this one goes on: wait for it, so the events list in a fixed order.
+SELECT subject_audit.wait_for_writer() AS failure_written;
 UPDATE customers SET phone = '555-0133' WHERE id = 3;
 COMMIT;
 -- A cancel (statement_timeout) while updating: a slow trigger of the

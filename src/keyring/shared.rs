@@ -256,7 +256,9 @@ pub fn publish<'a>(
 }
 
 /// Drops the entries of erased subjects, after bumping the generation so
-/// that no lookup already under way caches them again.
+/// that no lookup already under way caches them again. Entries of the
+/// database under an older relfilenode go too: a backend that has not yet
+/// heard of a VACUUM FULL of the key table may still look them up.
 pub fn evict(scope: Scope, digests: &[[u8; DIGEST_LEN]]) {
     if digests.is_empty() {
         return;
@@ -264,7 +266,10 @@ pub fn evict(scope: Scope, digests: &[[u8; DIGEST_LEN]]) {
     unsafe { (*HEADER).generation.fetch_add(1, Ordering::AcqRel) };
     for digest in digests {
         with_bucket(scope, digest, pg_sys::LWLockMode::LW_EXCLUSIVE, |bucket| {
-            for e in bucket.iter_mut().filter(|e| e.holds(scope, digest)) {
+            for e in bucket
+                .iter_mut()
+                .filter(|e| e.database == scope.database && e.digest == *digest)
+            {
                 *e = EMPTY;
             }
         });

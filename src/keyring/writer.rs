@@ -51,9 +51,18 @@ struct WriterState {
     watched: Option<(pg_sys::Oid, pg_sys::Oid)>,
     /// Keys this transaction created, for the shared cache once it commits.
     created: Option<Created>,
-    /// Subjects this transaction erased, evicted again once it commits.
-    erased: Option<(shared::Scope, Vec<[u8; DIGEST_LEN]>)>,
+    /// Subjects this transaction erased (and the subtransaction that did),
+    /// evicted again once it commits. While there are any, the shared cache
+    /// is not used: it may hold what this transaction erased (another
+    /// backend, which cannot see the erasure yet, may have put it back).
+    erased: Vec<([u8; DIGEST_LEN], pg_sys::SubTransactionId)>,
+    /// Where they are evicted from, if there is a shared cache.
+    erased_scope: Option<shared::Scope>,
 }
+
+/// At most this many created keys wait for the shared cache per transaction
+/// (a bulk load creates more than it can hold anyway).
+const MAX_CREATED: usize = 65_536;
 
 struct Created {
     scope: shared::Scope,
@@ -255,7 +264,8 @@ pub fn subject_keys(digests: &[[u8; DIGEST_LEN]]) -> HashMap<[u8; DIGEST_LEN], S
 /// Keys of subjects missing from this backend's cache: from the shared
 /// cache, then the table, then new ones.
 fn load_or_create(missing: &[[u8; DIGEST_LEN]]) -> HashMap<[u8; DIGEST_LEN], SubjectKey> {
-    let scope = shared::scope(store::relations().subject_key);
+    let erasing = WRITER.with(|w| !w.borrow().erased.is_empty());
+    let scope = shared::scope(store::relations().subject_key).filter(|_| !erasing);
     let shared_seen = shared::generation();
     let mut loaded: HashMap<[u8; DIGEST_LEN], SubjectKey> = scope
         .map(|scope| shared::lookup(scope, missing))
@@ -302,9 +312,13 @@ fn load_or_create(missing: &[[u8; DIGEST_LEN]]) -> HashMap<[u8; DIGEST_LEN], Sub
                     seen: shared_seen,
                     keys: Vec::new(),
                 });
-                pending
-                    .keys
-                    .extend(created.iter().map(|(d, k)| (*d, k.clone(), since)));
+                let room = MAX_CREATED.saturating_sub(pending.keys.len());
+                pending.keys.extend(
+                    created
+                        .iter()
+                        .take(room)
+                        .map(|(d, k)| (*d, k.clone(), since)),
+                );
             });
         }
         loaded.extend(created);
@@ -322,23 +336,22 @@ fn subject_key(subject_key_id: i64, salt: [u8; 32]) -> SubjectKey {
 /// Notes that this transaction erases the subject: its shared cache entry
 /// goes now and again at commit (a lookup in between may have put it back).
 pub fn note_erased(digest: [u8; DIGEST_LEN]) {
-    let Some(scope) = shared::scope(store::relations().subject_key) else {
-        return;
-    };
-    shared::evict(scope, &[digest]);
+    let scope = shared::scope(store::relations().subject_key);
+    if let Some(scope) = scope {
+        shared::evict(scope, &[digest]);
+    }
+    let since = current_subxact().unwrap_or_default();
     WRITER.with(|w| {
-        w.borrow_mut()
-            .erased
-            .get_or_insert_with(|| (scope, Vec::new()))
-            .1
-            .push(digest)
+        let mut w = w.borrow_mut();
+        w.erased.push((digest, since));
+        w.erased_scope = w.erased_scope.or(scope);
     });
 }
 
 /// A prepared transaction commits in another session, where no callback
 /// of ours would evict what it erased.
 pub(super) fn before_prepare() {
-    if WRITER.with(|w| w.borrow().erased.is_some()) {
+    if WRITER.with(|w| !w.borrow().erased.is_empty()) {
         pgrx::error!("a transaction that erased a subject (forget_subject) cannot be prepared");
     }
 }
@@ -467,9 +480,13 @@ fn create_subject_keys(digests: &[[u8; DIGEST_LEN]]) -> HashMap<[u8; DIGEST_LEN]
 }
 
 pub(super) fn on_commit() {
-    let (created, erased) = WRITER.with(|w| {
+    let (created, erased, erased_scope) = WRITER.with(|w| {
         let mut w = w.borrow_mut();
-        (w.created.take(), w.erased.take())
+        (
+            w.created.take(),
+            std::mem::take(&mut w.erased),
+            w.erased_scope.take(),
+        )
     });
     if let Some(created) = created {
         shared::publish(
@@ -481,7 +498,8 @@ pub(super) fn on_commit() {
                 .map(|(d, k, _)| (d, k.subject_key_id, &**k.salt)),
         );
     }
-    if let Some((scope, digests)) = erased {
+    if let Some(scope) = erased_scope {
+        let digests: Vec<_> = erased.iter().map(|(d, _)| *d).collect();
         shared::evict(scope, &digests);
     }
     // Under REPEATABLE READ or SERIALIZABLE, lookups read the transaction's
@@ -516,9 +534,13 @@ pub(super) fn on_abort(subid: pg_sys::SubTransactionId) {
         }
         if subid == INVALID_SUBTRANSACTION_ID {
             w.created = None;
-            w.erased = None;
-        } else if let Some(created) = w.created.as_mut() {
-            created.keys.retain(|(_, _, since)| *since < subid);
+            w.erased.clear();
+            w.erased_scope = None;
+        } else {
+            if let Some(created) = w.created.as_mut() {
+                created.keys.retain(|(_, _, since)| *since < subid);
+            }
+            w.erased.retain(|(_, since)| *since < subid);
         }
         if w.context
             .as_ref()

@@ -236,19 +236,31 @@ pub fn probe_live_subject_keys(digests: &[[u8; 32]]) -> Vec<([u8; 32], i64, [u8;
         );
         let snapshot = pg_sys::RegisterSnapshot(pg_sys::GetTransactionSnapshot());
         let slot = pg_sys::table_slot_create(heap, std::ptr::null_mut());
-        let scan = pg_sys::index_beginscan(heap, index, snapshot, 1, 0);
+        let scan = pg_sys::index_beginscan(heap, index, snapshot, 2, 0);
         for digest in digests {
             let key_datum =
                 pg_sys::Datum::from(pg_sys::cstring_to_text_with_len(digest.as_ptr().cast(), 32));
-            let mut key: pg_sys::ScanKeyData = std::mem::zeroed();
+            // subject_digest = digest AND erased_at IS NULL: the live key,
+            // not an erased one of the same subject (which sorts first).
+            let mut keys: [pg_sys::ScanKeyData; 2] = std::mem::zeroed();
             pg_sys::ScanKeyInit(
-                &mut key,
+                &mut keys[0],
                 1,
                 pg_sys::BTEqualStrategyNumber as u16,
                 pg_sys::F_BYTEAEQ.into(),
                 key_datum,
             );
-            pg_sys::index_rescan(scan, &mut key, 1, std::ptr::null_mut(), 0);
+            pg_sys::ScanKeyEntryInitialize(
+                &mut keys[1],
+                (pg_sys::SK_ISNULL | pg_sys::SK_SEARCHNULL) as i32,
+                2,
+                0, // InvalidStrategy: a null test, no operator
+                pg_sys::InvalidOid,
+                pg_sys::InvalidOid,
+                pg_sys::InvalidOid,
+                pg_sys::Datum::from(0),
+            );
+            pg_sys::index_rescan(scan, keys.as_mut_ptr(), 2, std::ptr::null_mut(), 0);
             if pg_sys::index_getnext_slot(scan, pg_sys::ScanDirection::ForwardScanDirection, slot) {
                 pg_sys::slot_getallattrs(slot);
                 // subject_key columns: subject_key_id, subject_digest, salt, ...
