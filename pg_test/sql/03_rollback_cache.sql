@@ -32,17 +32,26 @@ UPDATE accounts SET balance = 5 WHERE id = 3;
 COMMIT;
 
 -- A key created by a transaction that rolls back never reaches the cache
--- shared by all backends: a new backend creates the subject's key afresh.
+-- shared by all backends, not even when the same backend commits later; nor
+-- does a key created in a savepoint that rolls back: new backends create
+-- these subjects' keys afresh.
 BEGIN;
 INSERT INTO accounts VALUES (4, 'uma', 6);
 ROLLBACK;
+BEGIN;
+SAVEPOINT c;
+INSERT INTO accounts VALUES (5, 'vic', 8);
+ROLLBACK TO SAVEPOINT c;
+INSERT INTO accounts VALUES (6, 'wes', 9);
+COMMIT;
 \c
 INSERT INTO accounts VALUES (4, 'uma', 7);
+INSERT INTO accounts VALUES (5, 'vic', 10);
 SELECT count(*) AS events_without_their_key FROM subject_audit.event e
 WHERE e.subject_key_id IS NOT NULL
   AND NOT EXISTS (SELECT FROM subject_audit.subject_key k WHERE k.subject_key_id = e.subject_key_id);
 
 SELECT subject_audit.unlock(:'sk');
 SELECT owner, operation, after
-FROM (VALUES ('rita'), ('sam'), ('tia'), ('uma')) AS o(owner), subject_audit.audit_for_subject(owner)
+FROM (VALUES ('rita'), ('sam'), ('tia'), ('uma'), ('vic'), ('wes')) AS o(owner), subject_audit.audit_for_subject(owner)
 ORDER BY event_id;

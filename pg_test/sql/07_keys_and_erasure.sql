@@ -77,13 +77,30 @@ SELECT e.event_id, k.erased_at IS NULL AS under_live_key
 FROM (SELECT event_id, subject_key_id FROM subject_audit.event
       WHERE operation = 'UPDATE' ORDER BY event_id DESC LIMIT 2) e
 JOIN subject_audit.subject_key k USING (subject_key_id) ORDER BY e.event_id;
+-- The commit evicted what 'other' cached again: a new backend writes under the new key.
+SELECT dblink_connect('later', format('dbname=%s host=%s port=%s', current_database(),
+                                      current_setting('unix_socket_directories'), current_setting('port')));
+SELECT dblink_exec('later', $$UPDATE users SET email = 'ben@later.example' WHERE id = 2$$);
+SELECT dblink_disconnect('later');
+SELECT k.erased_at IS NULL AS under_live_key FROM subject_audit.event e
+JOIN subject_audit.subject_key k USING (subject_key_id)
+WHERE e.event_id = (SELECT max(event_id) FROM subject_audit.event WHERE operation = 'UPDATE');
+-- Erasing in the very statement that changes the subject's row, in a backend
+-- that has her key cached: the change is captured after forget_subject ran, in
+-- the same command, and goes under a new key — so its before (the value being
+-- removed) reads again: erase after changing the rows (docs/keys.md).
+UPDATE users SET email = 'ada@main.example' WHERE id = 1;
+UPDATE users SET email = 'erased ' || subject_audit.forget_subject(login) WHERE id = 1;
+SELECT k.erased_at IS NULL AS under_live_key FROM subject_audit.event e
+JOIN subject_audit.subject_key k USING (subject_key_id)
+WHERE e.event_id = (SELECT max(event_id) FROM subject_audit.event WHERE operation = 'UPDATE');
 -- An erasure cannot be prepared (it would commit where nothing evicts the
 -- cached salt); the refused transaction erased nothing.
 BEGIN;
 SELECT subject_audit.forget_subject('ben') AS events_of_ben;
 PREPARE TRANSACTION 'erase ben';
 SELECT count(*) FILTER (WHERE erased_at IS NOT NULL) AS erased_keys FROM subject_audit.subject_key;
--- Ada now has an erased key and a fresh one; Ben his one key.
+-- Every subject key, erased or live.
 SELECT count(*) AS subject_keys, count(*) FILTER (WHERE salt IS NULL AND erased_at IS NOT NULL) AS erased
 FROM subject_audit.subject_key;
 

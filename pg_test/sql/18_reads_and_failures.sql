@@ -179,7 +179,7 @@ DELETE FROM customers WHERE id = 1;
 ROLLBACK TO SAVEPOINT s;
 -- The failure is written by the background writer, in its own transaction,
 -- while this one goes on: wait for it, so the events list in a fixed order.
-SELECT subject_audit.wait_for_writer() AS failure_written;
+SELECT subject_audit.wait_for_writer(30000) AS failure_written;
 UPDATE customers SET phone = '555-0133' WHERE id = 3;
 COMMIT;
 -- A cancel (statement_timeout) while updating: a slow trigger of the

@@ -265,7 +265,7 @@ pub fn subject_keys(digests: &[[u8; DIGEST_LEN]]) -> HashMap<[u8; DIGEST_LEN], S
 /// cache, then the table, then new ones.
 fn load_or_create(missing: &[[u8; DIGEST_LEN]]) -> HashMap<[u8; DIGEST_LEN], SubjectKey> {
     let erasing = WRITER.with(|w| !w.borrow().erased.is_empty());
-    let scope = shared::scope(store::relations().subject_key).filter(|_| !erasing);
+    let scope = shared_scope().filter(|_| !erasing);
     let shared_seen = shared::generation();
     let mut loaded: HashMap<[u8; DIGEST_LEN], SubjectKey> = scope
         .map(|scope| shared::lookup(scope, missing))
@@ -326,6 +326,18 @@ fn load_or_create(missing: &[[u8; DIGEST_LEN]]) -> HashMap<[u8; DIGEST_LEN], Sub
     loaded
 }
 
+/// The shared cache's scope for this database, read under a lock on the key
+/// table: taking it processes pending invalidations (a TRUNCATE or VACUUM
+/// FULL that gave the table a new relfilenode), and no rewrite can commit
+/// while this transaction uses keys from the cache.
+fn shared_scope() -> Option<shared::Scope> {
+    let subject_key = store::relations().subject_key;
+    unsafe {
+        pg_sys::LockRelationOid(subject_key, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+    }
+    shared::scope(subject_key)
+}
+
 fn subject_key(subject_key_id: i64, salt: [u8; 32]) -> SubjectKey {
     SubjectKey {
         subject_key_id,
@@ -334,15 +346,18 @@ fn subject_key(subject_key_id: i64, salt: [u8; 32]) -> SubjectKey {
 }
 
 /// Notes that this transaction erases the subject: its shared cache entry
-/// goes now and again at commit (a lookup in between may have put it back).
+/// goes now and again at commit (a lookup in between may have put it back),
+/// and this backend's own entry now (the invalidation that clears it comes
+/// only at the next command, and a capture in this one must not use it).
 pub fn note_erased(digest: [u8; DIGEST_LEN]) {
-    let scope = shared::scope(store::relations().subject_key);
+    let scope = shared_scope();
     if let Some(scope) = scope {
         shared::evict(scope, &[digest]);
     }
     let since = current_subxact().unwrap_or_default();
     WRITER.with(|w| {
         let mut w = w.borrow_mut();
+        w.subjects.remove(&digest);
         w.erased.push((digest, since));
         w.erased_scope = w.erased_scope.or(scope);
     });
