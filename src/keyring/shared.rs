@@ -22,6 +22,7 @@ use pgrx::pg_sys;
 use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting};
 
 use crate::crypto::DIGEST_LEN;
+use crate::store;
 
 static CAPACITY: GucSetting<i32> = GucSetting::<i32>::new(262_144);
 const NAME: &std::ffi::CStr = c"pg_subject_audit subject keys";
@@ -138,18 +139,10 @@ pub fn scope(subject_key: pg_sys::Oid) -> Option<Scope> {
     if !available() {
         return None;
     }
-    unsafe {
-        let relation = pg_sys::RelationIdGetRelation(subject_key);
-        if relation.is_null() {
-            return None;
-        }
-        let filenode = (*relation).rd_node.relNode;
-        pg_sys::RelationClose(relation);
-        Some(Scope {
-            database: pg_sys::MyDatabaseId,
-            filenode,
-        })
-    }
+    store::with_relation(subject_key, |r| Scope {
+        database: unsafe { pg_sys::MyDatabaseId },
+        filenode: r.rd_node.relNode,
+    })
 }
 
 /// Bumped by every erasure; a lookup publishes only if it has not moved.

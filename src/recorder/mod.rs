@@ -167,6 +167,9 @@ unsafe fn record_unchecked(groups: &[Group<'_>]) -> Vec<i64> {
                 .map(|a| inserter::inet_datum(a)),
         ];
         let mut column_sets: Vec<ColumnSet<'_>> = Vec::new();
+        // `metadata_digest` of the group's events without changed columns.
+        let no_columns_metadata =
+            envelope::metadata_digest(header.operation, header.table_name, None);
         let sqlstate = text(header.sqlstate);
 
         for (draft, nonce) in drafts.iter().zip(&mut nonces) {
@@ -209,7 +212,7 @@ unsafe fn record_unchecked(groups: &[Group<'_>]) -> Vec<i64> {
             });
             let metadata = match columns {
                 Some(i) => column_sets[i].metadata,
-                None => envelope::metadata_digest(header.operation, header.table_name, None),
+                None => no_columns_metadata,
             };
             let sealed = match (&draft.payload, &writer) {
                 (Some(payload), Some(writer)) => {

@@ -286,17 +286,22 @@ pub fn probe_live_subject_keys(digests: &[[u8; 32]]) -> Vec<([u8; 32], i64, [u8;
     found
 }
 
-/// The planner's estimate of a table's rows (negative when never analyzed).
-pub fn estimated_rows(relid: Oid) -> f64 {
+/// Reads the relcache entry of `relid` (no lock taken), if it exists.
+pub fn with_relation<R>(relid: Oid, read: impl FnOnce(&pg_sys::RelationData) -> R) -> Option<R> {
     unsafe {
         let relation = pg_sys::RelationIdGetRelation(relid);
         if relation.is_null() {
-            return -1.0;
+            return None;
         }
-        let rows = (*(*relation).rd_rel).reltuples;
+        let result = read(&*relation);
         pg_sys::RelationClose(relation);
-        f64::from(rows)
+        Some(result)
     }
+}
+
+/// The planner's estimate of a table's rows (negative when never analyzed).
+pub fn estimated_rows(relid: Oid) -> f64 {
+    with_relation(relid, |r| f64::from(unsafe { (*r.rd_rel).reltuples })).unwrap_or(-1.0)
 }
 
 /// A string setting, `None` when unset or empty.
