@@ -59,11 +59,16 @@ CREATE TABLE subject_audit.tracked_table (
 
 CREATE SEQUENCE subject_audit.event_event_id_seq AS bigint;
 
--- One row per event. Column order matters: capture writes tuples directly.
-CREATE TABLE subject_audit.event (
-    event_id bigint PRIMARY KEY DEFAULT nextval('subject_audit.event_event_id_seq'),
-    at timestamptz NOT NULL,
-    txid bigint NOT NULL,           -- top-level transaction id (epoch-extended)
+-- What events say about themselves, apart from their subject and payload:
+-- the same few combinations of operation, table, who and which columns recur
+-- in millions of events, so each event names one by id (a third of an
+-- event's bytes). Rows are looked up by the digest of their fields and never
+-- change; two backends may add the same label at once (harmless: events hash
+-- the label's fields, not its id).
+CREATE SEQUENCE subject_audit.event_label_label_id_seq AS integer;
+CREATE TABLE subject_audit.event_label (
+    label_id integer PRIMARY KEY DEFAULT nextval('subject_audit.event_label_label_id_seq'),
+    label_digest bytea NOT NULL,
     operation text NOT NULL,
     status text NOT NULL,
     sqlstate text,
@@ -74,14 +79,25 @@ CREATE TABLE subject_audit.event (
     session_role text NOT NULL,
     application_name text,
     client_addr inet,
-    changed_columns text[],
+    changed_columns text[]
+);
+CREATE INDEX event_label_digest ON subject_audit.event_label (label_digest);
+
+-- One row per event. Column order matters: capture writes tuples directly
+-- (fixed-width columns first, so no alignment padding).
+CREATE TABLE subject_audit.event (
+    event_id bigint PRIMARY KEY DEFAULT nextval('subject_audit.event_event_id_seq'),
+    at timestamptz NOT NULL,
+    txid bigint NOT NULL,           -- top-level transaction id (epoch-extended)
     subject_key_id bigint,
     context_id bigint,
+    label_id integer NOT NULL,      -- subject_audit.event_label
     nonce bytea,
     payload bytea,
     row_hash bytea NOT NULL
 );
 ALTER SEQUENCE subject_audit.event_event_id_seq OWNED BY subject_audit.event.event_id;
+ALTER SEQUENCE subject_audit.event_label_label_id_seq OWNED BY subject_audit.event_label.label_id;
 ALTER SEQUENCE subject_audit.writer_key_key_id_seq OWNED BY subject_audit.writer_key.key_id;
 ALTER SEQUENCE subject_audit.writer_context_context_id_seq OWNED BY subject_audit.writer_context.context_id;
 ALTER SEQUENCE subject_audit.subject_key_subject_key_id_seq OWNED BY subject_audit.subject_key.subject_key_id;
@@ -124,6 +140,8 @@ CREATE TRIGGER append_only BEFORE UPDATE OR DELETE OR TRUNCATE ON subject_audit.
     FOR EACH STATEMENT EXECUTE FUNCTION subject_audit.refuse_change();
 CREATE TRIGGER append_only BEFORE UPDATE OR DELETE OR TRUNCATE ON subject_audit.block
     FOR EACH STATEMENT EXECUTE FUNCTION subject_audit.refuse_change();
+CREATE TRIGGER append_only BEFORE UPDATE OR DELETE OR TRUNCATE ON subject_audit.event_label
+    FOR EACH STATEMENT EXECUTE FUNCTION subject_audit.refuse_change();
 
 CREATE VIEW subject_audit.tracked AS
 SELECT t.relid AS table_name,
@@ -140,27 +158,29 @@ LEFT JOIN pg_catalog.pg_attribute a ON a.attrelid = t.relid AND a.attnum = t.sub
 CREATE VIEW subject_audit.events AS
 SELECT e.event_id,
        e.at,
-       e.table_name,
-       e.operation,
-       coalesce(e.title, lower(e.operation) || ' ' || e.table_name) AS title,
-       e.status,
-       e.sqlstate,
-       e.actor,
-       e.changed_columns,
+       l.table_name,
+       l.operation,
+       coalesce(l.title, lower(l.operation) || ' ' || l.table_name) AS title,
+       l.status,
+       l.sqlstate,
+       l.actor,
+       l.changed_columns,
        substr(encode(k.subject_digest, 'hex'), 1, 12) AS subject_ref
 FROM subject_audit.event e
+JOIN subject_audit.event_label l USING (label_id)
 LEFT JOIN subject_audit.subject_key k USING (subject_key_id);
 
 -- Reporting without a key: events per day (in the session's time zone),
 -- table, operation and status, and how many distinct subjects they touched.
 CREATE VIEW subject_audit.activity AS
 SELECT e.at::date AS day,
-       e.table_name,
-       e.operation,
-       e.status,
+       l.table_name,
+       l.operation,
+       l.status,
        count(*) AS events,
        count(DISTINCT e.subject_key_id) AS subjects
 FROM subject_audit.event e
+JOIN subject_audit.event_label l USING (label_id)
 GROUP BY 1, 2, 3, 4
 ORDER BY 1, 2, 3, 4;
 
@@ -170,8 +190,10 @@ SELECT pg_catalog.pg_extension_config_dump('subject_audit.writer_context', '');
 SELECT pg_catalog.pg_extension_config_dump('subject_audit.subject_key', '');
 SELECT pg_catalog.pg_extension_config_dump('subject_audit.tracked_table', '');
 SELECT pg_catalog.pg_extension_config_dump('subject_audit.event', '');
+SELECT pg_catalog.pg_extension_config_dump('subject_audit.event_label', '');
 SELECT pg_catalog.pg_extension_config_dump('subject_audit.block', '');
 SELECT pg_catalog.pg_extension_config_dump('subject_audit.event_event_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('subject_audit.event_label_label_id_seq', '');
 -- Plain sequences rather than identity columns: only an extension's own
 -- sequences can be dumped, and the restored ids must continue, not restart.
 SELECT pg_catalog.pg_extension_config_dump('subject_audit.writer_key_key_id_seq', '');

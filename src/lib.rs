@@ -109,6 +109,7 @@ pub extern "C-unwind" fn _PG_init() {
     // relation OIDs that `store` forgets in its own callback, registered last.
     let preloading = unsafe { pg_sys::process_shared_preload_libraries_in_progress };
     keyring::init(preloading);
+    recorder::init();
     capture::init();
     store::init();
     ledger::worker::init();

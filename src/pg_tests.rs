@@ -65,11 +65,11 @@ mod tests {
         )
         .unwrap();
         // The admin trail (key install, track) is there too: count the captured events only.
-        let captured = "SELECT count(*) FROM subject_audit.event \
+        let captured = "SELECT count(*) FROM subject_audit.events \
                         WHERE table_name = 'public.t' AND operation IN ('INSERT', 'UPDATE')";
         assert_eq!(one::<i64>(captured), 3);
         let changed: Vec<String> = one(
-            "SELECT changed_columns FROM subject_audit.event WHERE operation = 'UPDATE' ORDER BY event_id LIMIT 1",
+            "SELECT changed_columns FROM subject_audit.events WHERE operation = 'UPDATE' ORDER BY event_id LIMIT 1",
         );
         assert_eq!(changed, vec!["a"]);
         let last: pgrx::JsonB = one(
@@ -79,9 +79,45 @@ mod tests {
         // The excluded column appears nowhere, not even as a name.
         assert_eq!(
             one::<i64>(
-                "SELECT count(*) FROM subject_audit.event WHERE 'secret' = ANY (changed_columns)"
+                "SELECT count(*) FROM subject_audit.events WHERE 'secret' = ANY (changed_columns)"
             ),
             0
+        );
+    }
+
+    #[pg_test]
+    fn events_alike_share_one_label_and_each_difference_makes_another() {
+        install_and_unlock();
+        Spi::run(
+            "CREATE TABLE l (id int PRIMARY KEY, who text, a text, b text);
+             SELECT subject_audit.track('l', 'who');
+             INSERT INTO l SELECT g, 'w' || g, 'a', 'b' FROM generate_series(1, 50) g;
+             UPDATE l SET a = 'a2' WHERE id <= 20;
+             UPDATE l SET a = 'a3' WHERE id <= 20;
+             UPDATE l SET b = 'b2' WHERE id <= 5;
+             SET LOCAL subject_audit.actor = 'support:9';
+             UPDATE l SET b = 'b3' WHERE id <= 5;",
+        )
+        .unwrap();
+        let labels_of_table = |operation: &str| {
+            one::<i64>(&format!(
+                "SELECT count(DISTINCT e.label_id) FROM subject_audit.event e
+                 JOIN subject_audit.event_label l USING (label_id)
+                 WHERE l.table_name = 'public.l' AND l.operation = '{operation}'"
+            ))
+        };
+        assert_eq!(labels_of_table("INSERT"), 1);
+        // {a}, {b}, and {b} by another actor.
+        assert_eq!(labels_of_table("UPDATE"), 3);
+        assert_eq!(
+            one::<i64>(
+                "SELECT count(*) FROM subject_audit.event_label WHERE table_name = 'public.l'"
+            ),
+            5
+        );
+        assert_eq!(
+            one::<String>("SELECT actor FROM subject_audit.events ORDER BY event_id DESC LIMIT 1"),
+            "support:9"
         );
     }
 
@@ -129,7 +165,7 @@ mod tests {
         );
         assert_eq!(
             one::<i64>(
-                "SELECT count(*) FROM subject_audit.event WHERE operation = 'INSERT' AND subject_key_id IS NULL"
+                "SELECT count(*) FROM subject_audit.events WHERE operation = 'INSERT' AND subject_ref IS NULL"
             ),
             1
         );

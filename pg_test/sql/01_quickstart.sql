@@ -64,6 +64,6 @@ SELECT count(*) FROM subject_audit.audit_for_subject('a0eebc99-9c0b-4ef8-bb6d-6b
 -- untrack stops capture (leaving an UNTRACK event) and keeps the events.
 SELECT subject_audit.untrack('customers');
 INSERT INTO customers VALUES (3, 'c2aade77-7e2b-4ef8-bb6d-6bb9bd380a33', 'cy@example.com', NULL, 'h3', NULL);
-SELECT operation, count(*) FROM subject_audit.event GROUP BY operation ORDER BY operation;
+SELECT operation, count(*) FROM subject_audit.events GROUP BY operation ORDER BY operation;
 SELECT count(*) AS tracked FROM subject_audit.tracked;
 SELECT subject_audit.untrack('customers');

@@ -17,9 +17,11 @@ UPDATE people SET full_name = 'Zoë Q. Quartermaine' WHERE id = 1;
 
 -- 7. Application roles cannot read, insert, update or delete audit rows.
 SELECT count(*) FROM subject_audit.event;
-INSERT INTO subject_audit.event (event_id, at, txid, operation, status, actor, db_role, session_role, row_hash)
-VALUES (999, now(), '1', 'INSERT', 'ok', 'x', 'x', 'x', '\x00');
-UPDATE subject_audit.event SET actor = 'someone else';
+INSERT INTO subject_audit.event (event_id, at, txid, label_id, row_hash) VALUES (999, now(), 1, 1, '\x00');
+UPDATE subject_audit.event SET label_id = 1;
+INSERT INTO subject_audit.event_label (label_digest, operation, status, actor, db_role, session_role)
+VALUES ('\x00', 'INSERT', 'ok', 'x', 'x', 'x');
+UPDATE subject_audit.event_label SET actor = 'someone else';
 DELETE FROM subject_audit.event;
 TRUNCATE subject_audit.event;
 SELECT * FROM subject_audit.subject_key;
@@ -29,14 +31,14 @@ SELECT subject_audit.install_public_key('\x01');
 
 \c - postgres
 -- 7. The actor recorded is the role that made the change, not the extension owner.
-SELECT event_id, operation, actor, db_role, session_role FROM subject_audit.event ORDER BY event_id;
+SELECT event_id, operation, actor, db_role, session_role FROM subject_audit.event JOIN subject_audit.event_label USING (label_id) ORDER BY event_id;
 -- (the first two are the admin trail: the key install and the track() call)
 SET ROLE app;
 SET subject_audit.actor = 'portal:agent-9';
 DELETE FROM people WHERE id = 2;
 RESET ROLE;
 RESET subject_audit.actor;
-SELECT event_id, operation, actor, db_role FROM subject_audit.event ORDER BY event_id;
+SELECT event_id, operation, actor, db_role FROM subject_audit.event JOIN subject_audit.event_label USING (label_id) ORDER BY event_id;
 
 -- 3. No personal value and no token in plaintext in any table of the audit
 -- schema, raw or hex-encoded. The positive control proves the search works.

@@ -50,6 +50,10 @@ INSERT INTO accounts VALUES (5, 'vic', 10);
 SELECT count(*) AS events_without_their_key FROM subject_audit.event e
 WHERE e.subject_key_id IS NOT NULL
   AND NOT EXISTS (SELECT FROM subject_audit.subject_key k WHERE k.subject_key_id = e.subject_key_id);
+-- Event labels too: rita's INSERT label was first added by the rolled-back
+-- transaction, tia's UPDATE label by the rolled-back savepoint b.
+SELECT count(*) AS events_without_their_label FROM subject_audit.event e
+WHERE NOT EXISTS (SELECT FROM subject_audit.event_label l WHERE l.label_id = e.label_id);
 
 SELECT subject_audit.unlock(:'sk');
 SELECT owner, operation, after

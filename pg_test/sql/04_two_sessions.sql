@@ -19,8 +19,9 @@ SELECT dblink_exec('w', $$INSERT INTO members VALUES (1, 'm1', 'one@example.com'
 SELECT public_key AS pk2, private_key AS sk2 FROM subject_audit.generate_keypair() \gset
 SELECT subject_audit.install_public_key(:'pk2');
 SELECT dblink_exec('w', $$UPDATE members SET email = 'uno@example.com' WHERE id = 1$$);
-SELECT e.event_id, e.operation, c.key_id
-FROM subject_audit.event e JOIN subject_audit.writer_context c USING (context_id) ORDER BY e.event_id;
+SELECT e.event_id, l.operation, c.key_id
+FROM subject_audit.event e JOIN subject_audit.event_label l ON l.label_id = e.label_id
+JOIN subject_audit.writer_context c USING (context_id) ORDER BY e.event_id;
 
 -- ALTER TABLE in this session: the writer must capture the new column.
 ALTER TABLE members ADD COLUMN phone text;

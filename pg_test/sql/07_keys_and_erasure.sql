@@ -13,7 +13,8 @@ INSERT INTO users VALUES (1, 'ada', 'ada@example.com'), (2, 'ben', 'ben@example.
 SELECT subject_audit.install_public_key(:'pk2');
 SELECT subject_audit.retire_public_key(1);
 UPDATE users SET email = 'ada@new.example' WHERE id = 1;
-SELECT e.event_id, e.operation, c.key_id FROM subject_audit.event e
+SELECT e.event_id, l.operation, c.key_id FROM subject_audit.event e
+JOIN subject_audit.event_label l ON l.label_id = e.label_id
 JOIN subject_audit.writer_context c USING (context_id) ORDER BY e.event_id;
 SELECT key_id, retired_at IS NOT NULL AS retired FROM subject_audit.writer_key ORDER BY key_id;
 -- Refused: the only active key, an unknown key, a retired key.
@@ -56,7 +57,7 @@ SELECT dblink_exec('fresh', $$UPDATE users SET email = 'ada@fresh.example' WHERE
 SELECT dblink_disconnect('fresh');
 -- The events of 'w' and 'fresh' are under ada's new key.
 SELECT e.event_id, k.erased_at IS NULL AS under_live_key
-FROM (SELECT event_id, subject_key_id FROM subject_audit.event
+FROM (SELECT event_id, subject_key_id FROM subject_audit.event JOIN subject_audit.event_label USING (label_id)
       WHERE operation = 'UPDATE' ORDER BY event_id DESC LIMIT 2) e
 JOIN subject_audit.subject_key k USING (subject_key_id) ORDER BY e.event_id;
 -- A transaction erases ben, then blanks his row. Meanwhile another backend,
@@ -74,7 +75,7 @@ COMMIT;
 -- The other backend's event is under the old key (written while the erasure
 -- was under way: unreadable, as documented); the erasing transaction's is under a new one.
 SELECT e.event_id, k.erased_at IS NULL AS under_live_key
-FROM (SELECT event_id, subject_key_id FROM subject_audit.event
+FROM (SELECT event_id, subject_key_id FROM subject_audit.event JOIN subject_audit.event_label USING (label_id)
       WHERE operation = 'UPDATE' ORDER BY event_id DESC LIMIT 2) e
 JOIN subject_audit.subject_key k USING (subject_key_id) ORDER BY e.event_id;
 -- The commit evicted what 'other' cached again: a new backend writes under the new key.
@@ -84,7 +85,7 @@ SELECT dblink_exec('later', $$UPDATE users SET email = 'ben@later.example' WHERE
 SELECT dblink_disconnect('later');
 SELECT k.erased_at IS NULL AS under_live_key FROM subject_audit.event e
 JOIN subject_audit.subject_key k USING (subject_key_id)
-WHERE e.event_id = (SELECT max(event_id) FROM subject_audit.event WHERE operation = 'UPDATE');
+WHERE e.event_id = (SELECT max(event_id) FROM subject_audit.event JOIN subject_audit.event_label USING (label_id) WHERE operation = 'UPDATE');
 -- Erasing in the very statement that changes the subject's row, in a backend
 -- that has her key cached: the change is captured after forget_subject ran, in
 -- the same command, and goes under a new key — so its before (the value being
@@ -93,7 +94,7 @@ UPDATE users SET email = 'ada@main.example' WHERE id = 1;
 UPDATE users SET email = 'erased ' || subject_audit.forget_subject(login) WHERE id = 1;
 SELECT k.erased_at IS NULL AS under_live_key FROM subject_audit.event e
 JOIN subject_audit.subject_key k USING (subject_key_id)
-WHERE e.event_id = (SELECT max(event_id) FROM subject_audit.event WHERE operation = 'UPDATE');
+WHERE e.event_id = (SELECT max(event_id) FROM subject_audit.event JOIN subject_audit.event_label USING (label_id) WHERE operation = 'UPDATE');
 -- An erasure cannot be prepared (it would commit where nothing evicts the
 -- cached salt); the refused transaction erased nothing.
 BEGIN;

@@ -9,9 +9,12 @@ INSERT INTO orders SELECT g, 'c' || (g % 3), 'item ' || g FROM generate_series(1
 UPDATE orders SET item = item || '!' WHERE id <= 2;
 
 -- Append-only for everyone, the owner included.
-UPDATE subject_audit.event SET actor = 'x' WHERE event_id = 1;
+UPDATE subject_audit.event SET txid = 0 WHERE event_id = 1;
 DELETE FROM subject_audit.event WHERE event_id = 1;
 TRUNCATE subject_audit.event;
+UPDATE subject_audit.event_label SET actor = 'x';
+DELETE FROM subject_audit.event_label;
+TRUNCATE subject_audit.event_label;
 
 SELECT subject_audit.seal() AS sealed;
 SELECT subject_audit.seal() AS sealed_again;
@@ -29,7 +32,24 @@ SELECT subject_audit.checkpoint() AS cp_latest \gset
 SET session_replication_role = replica;
 -- 1. A changed field of a sealed event.
 BEGIN;
-UPDATE subject_audit.event SET actor = 'someone else' WHERE event_id = 3;
+UPDATE subject_audit.event SET at = at - interval '1 day' WHERE event_id = 3;
+SELECT ok, problems FROM subject_audit.verify();
+ROLLBACK;
+-- ... of the label it shares with others: each of them is reported.
+BEGIN;
+UPDATE subject_audit.event_label SET actor = 'someone else'
+WHERE label_id = (SELECT label_id FROM subject_audit.event WHERE event_id = 3);
+SELECT ok, problems FROM subject_audit.verify();
+ROLLBACK;
+-- ... another label swapped in (a real one: an UPDATE's for an INSERT's).
+BEGIN;
+UPDATE subject_audit.event SET label_id = (SELECT label_id FROM subject_audit.event WHERE event_id = 9)
+WHERE event_id = 3;
+SELECT ok, problems FROM subject_audit.verify();
+ROLLBACK;
+-- ... or its label gone.
+BEGIN;
+DELETE FROM subject_audit.event_label WHERE label_id = (SELECT label_id FROM subject_audit.event WHERE event_id = 9);
 SELECT ok, problems FROM subject_audit.verify();
 ROLLBACK;
 -- ... even when the attacker recomputes nothing else: the ciphertext swapped too.
@@ -45,8 +65,7 @@ ROLLBACK;
 -- 3. An event inserted into a sealed range (a copy of a real one under a new id).
 BEGIN;
 INSERT INTO subject_audit.event
-SELECT 1000, at, txid, operation, status, sqlstate, title, table_name, actor, db_role, session_role,
-       application_name, client_addr, changed_columns, subject_key_id, context_id, nonce, payload, row_hash
+SELECT 1000, at, txid, subject_key_id, context_id, label_id, nonce, payload, row_hash
 FROM subject_audit.event WHERE event_id = 2;
 SELECT ok, problems FROM subject_audit.verify();
 ROLLBACK;

@@ -1,15 +1,13 @@
 //! Per-event hashes for the tamper-evident ledger. Each event's hash covers
-//! every stored field and is computed at insert from the event alone: no other
-//! row is read, so writers never wait on each other.
+//! every stored field, its label's included, and is computed at insert from
+//! the event alone: no other event is read, so writers never wait on each other.
 
 use crate::crypto::sha256;
 
-/// The stored fields of one event, in table order, as the ledger hashes them.
-pub struct EventFields<'a> {
-    pub event_id: i64,
-    /// Microseconds since 2000-01-01 UTC (PostgreSQL's timestamptz).
-    pub at: i64,
-    pub txid: u64,
+/// What an event says about itself apart from its subject and payload: a
+/// row of `subject_audit.event_label`, shared by many events.
+#[derive(Clone, Copy, Debug)]
+pub struct LabelFields<'a> {
     pub operation: &'a str,
     pub status: &'a str,
     pub sqlstate: Option<&'a str>,
@@ -21,6 +19,17 @@ pub struct EventFields<'a> {
     pub application_name: Option<&'a str>,
     pub client_addr: Option<&'a str>,
     pub changed_columns: Option<&'a [&'a str]>,
+}
+
+/// The fields of one event as the ledger hashes them: its label's fields,
+/// not the label's id, so a label altered or swapped is caught in every
+/// event that names it.
+pub struct EventFields<'a> {
+    pub event_id: i64,
+    /// Microseconds since 2000-01-01 UTC (PostgreSQL's timestamptz).
+    pub at: i64,
+    pub txid: u64,
+    pub label: &'a LabelFields<'a>,
     pub subject_key_id: Option<i64>,
     /// The keyed digest of that subject key (kept in `subject_key`): covering
     /// it means a subject key re-labelled as someone else's is caught.
@@ -38,34 +47,7 @@ pub fn row_hash(f: &EventFields<'_>) -> [u8; 32] {
     buf.extend_from_slice(&f.event_id.to_be_bytes());
     buf.extend_from_slice(&f.at.to_be_bytes());
     buf.extend_from_slice(&f.txid.to_be_bytes());
-    for s in [
-        Some(f.operation),
-        Some(f.status),
-        f.sqlstate,
-        f.title,
-        f.table_name,
-        Some(f.actor),
-    ] {
-        put_opt(&mut buf, s.map(str::as_bytes));
-    }
-    for s in [
-        Some(f.db_role),
-        Some(f.session_role),
-        f.application_name,
-        f.client_addr,
-    ] {
-        put_opt(&mut buf, s.map(str::as_bytes));
-    }
-    match f.changed_columns {
-        None => buf.push(0),
-        Some(cols) => {
-            buf.push(1);
-            buf.extend_from_slice(&(cols.len() as u32).to_be_bytes());
-            for c in cols {
-                put_opt(&mut buf, Some(c.as_bytes()));
-            }
-        }
-    }
+    put_label(&mut buf, f.label);
     put_opt(
         &mut buf,
         f.subject_key_id
@@ -83,6 +65,41 @@ pub fn row_hash(f: &EventFields<'_>) -> [u8; 32] {
     sha256(&[&buf])
 }
 
+/// The key a label is looked up by (`event_label.label_digest`).
+pub fn label_digest(label: &LabelFields<'_>) -> [u8; 32] {
+    let mut buf = Vec::with_capacity(256);
+    buf.extend_from_slice(b"pg_subject_audit label v1");
+    put_label(&mut buf, label);
+    sha256(&[&buf])
+}
+
+fn put_label(buf: &mut Vec<u8>, l: &LabelFields<'_>) {
+    for s in [
+        Some(l.operation),
+        Some(l.status),
+        l.sqlstate,
+        l.title,
+        l.table_name,
+        Some(l.actor),
+        Some(l.db_role),
+        Some(l.session_role),
+        l.application_name,
+        l.client_addr,
+    ] {
+        put_opt(buf, s.map(str::as_bytes));
+    }
+    match l.changed_columns {
+        None => buf.push(0),
+        Some(cols) => {
+            buf.push(1);
+            buf.extend_from_slice(&(cols.len() as u32).to_be_bytes());
+            for c in cols {
+                put_opt(buf, Some(c.as_bytes()));
+            }
+        }
+    }
+}
+
 fn put_opt(buf: &mut Vec<u8>, v: Option<&[u8]>) {
     match v {
         None => buf.push(0),
@@ -98,11 +115,8 @@ fn put_opt(buf: &mut Vec<u8>, v: Option<&[u8]>) {
 mod tests {
     use super::*;
 
-    fn base() -> EventFields<'static> {
-        EventFields {
-            event_id: 1,
-            at: 0,
-            txid: 700,
+    fn base_label() -> LabelFields<'static> {
+        LabelFields {
             operation: "UPDATE",
             status: "ok",
             sqlstate: None,
@@ -114,6 +128,15 @@ mod tests {
             application_name: Some("psql"),
             client_addr: None,
             changed_columns: Some(&["email"]),
+        }
+    }
+
+    fn base<'a>(label: &'a LabelFields<'a>) -> EventFields<'a> {
+        EventFields {
+            event_id: 1,
+            at: 0,
+            txid: 700,
+            label,
             subject_key_id: Some(1),
             subject_digest: Some(&[3; 32]),
             context_id: Some(1),
@@ -122,26 +145,34 @@ mod tests {
         }
     }
 
+    type LabelChange = Box<dyn Fn(&mut LabelFields<'static>)>;
+
+    fn label_changes() -> Vec<LabelChange> {
+        vec![
+            Box::new(|l| l.operation = "DELETE"),
+            Box::new(|l| l.status = "error"),
+            Box::new(|l| l.sqlstate = Some("23505")),
+            Box::new(|l| l.title = Some("x")),
+            Box::new(|l| l.table_name = None),
+            Box::new(|l| l.actor = "bob"),
+            Box::new(|l| l.db_role = "bob"),
+            Box::new(|l| l.session_role = "bob"),
+            Box::new(|l| l.application_name = None),
+            Box::new(|l| l.client_addr = Some("127.0.0.1")),
+            Box::new(|l| l.changed_columns = Some(&["phone"])),
+            Box::new(|l| l.changed_columns = None),
+        ]
+    }
+
     #[test]
     fn every_field_changes_the_hash() {
-        let h = row_hash(&base());
-        type Change = Box<dyn Fn(&mut EventFields<'static>)>;
+        let label = base_label();
+        let h = row_hash(&base(&label));
+        type Change = Box<dyn Fn(&mut EventFields<'_>)>;
         let variants: Vec<Change> = vec![
             Box::new(|f| f.event_id = 2),
             Box::new(|f| f.at = 1),
             Box::new(|f| f.txid = 701),
-            Box::new(|f| f.operation = "DELETE"),
-            Box::new(|f| f.status = "error"),
-            Box::new(|f| f.sqlstate = Some("23505")),
-            Box::new(|f| f.title = Some("x")),
-            Box::new(|f| f.table_name = None),
-            Box::new(|f| f.actor = "bob"),
-            Box::new(|f| f.db_role = "bob"),
-            Box::new(|f| f.session_role = "bob"),
-            Box::new(|f| f.application_name = None),
-            Box::new(|f| f.client_addr = Some("127.0.0.1")),
-            Box::new(|f| f.changed_columns = Some(&["phone"])),
-            Box::new(|f| f.changed_columns = None),
             Box::new(|f| f.subject_key_id = Some(2)),
             Box::new(|f| f.subject_digest = Some(&[4; 32])),
             Box::new(|f| f.context_id = None),
@@ -149,22 +180,36 @@ mod tests {
             Box::new(|f| f.payload = Some(b"cu")),
         ];
         for change in variants {
-            let mut f = base();
+            let mut f = base(&label);
             change(&mut f);
             assert_ne!(row_hash(&f), h);
         }
-        assert_eq!(row_hash(&base()), h);
+        for change in label_changes() {
+            let mut other = base_label();
+            change(&mut other);
+            assert_ne!(row_hash(&base(&other)), h);
+        }
+        assert_eq!(row_hash(&base(&label)), h);
+    }
+
+    #[test]
+    fn every_label_field_changes_the_label_digest() {
+        let d = label_digest(&base_label());
+        for change in label_changes() {
+            let mut other = base_label();
+            change(&mut other);
+            assert_ne!(label_digest(&other), d);
+        }
+        assert_eq!(label_digest(&base_label()), d);
     }
 
     #[test]
     fn field_boundaries_are_unambiguous() {
-        let mut a = base();
-        a.actor = "ab";
-        a.db_role = "c";
-        let mut b = base();
-        b.actor = "a";
-        b.db_role = "bc";
-        assert_ne!(row_hash(&a), row_hash(&b));
+        let (mut a, mut b) = (base_label(), base_label());
+        (a.actor, a.db_role) = ("ab", "c");
+        (b.actor, b.db_role) = ("a", "bc");
+        assert_ne!(row_hash(&base(&a)), row_hash(&base(&b)));
+        assert_ne!(label_digest(&a), label_digest(&b));
     }
 }
 
@@ -410,10 +455,7 @@ mod cost {
         let n = 200_000u32;
         let start = std::time::Instant::now();
         for i in 0..n {
-            let fields = EventFields {
-                event_id: i64::from(i),
-                at: 0,
-                txid: 1,
+            let label = LabelFields {
                 operation: "UPDATE",
                 status: "ok",
                 sqlstate: None,
@@ -425,6 +467,12 @@ mod cost {
                 application_name: Some("pgbench"),
                 client_addr: None,
                 changed_columns: Some(&columns),
+            };
+            let fields = EventFields {
+                event_id: i64::from(i),
+                at: 0,
+                txid: 1,
+                label: &label,
                 subject_key_id: Some(42),
                 subject_digest: Some(&[3; 32]),
                 context_id: Some(1),

@@ -147,23 +147,33 @@ pub fn writer_context() -> Rc<WriterContext> {
 /// The secret that keys subject digests, created on first use (then the
 /// flag is true).
 fn installation_secret() -> (Vec<u8>, bool) {
+    // The secret and whether any subject key exists, read in one statement
+    // (one snapshot): a first writer committing both between two reads would
+    // look like keys without a secret.
     let read = || {
         store::as_owner(|| {
-            store::select_one::<Vec<u8>>(
-                "SELECT subject_secret FROM subject_audit.installation",
-                &[],
-            )
+            // Read-only (no transaction id assigned): readers digest tokens too.
+            Spi::connect(|client| {
+                client
+                    .select(
+                        "SELECT (SELECT subject_secret FROM subject_audit.installation), \
+                         EXISTS (SELECT FROM subject_audit.subject_key)",
+                        Some(1),
+                        &[],
+                    )?
+                    .first()
+                    .get_two::<Vec<u8>, bool>()
+            })
         })
     };
-    if let Ok(Some(secret)) = read() {
-        return (secret, false);
-    }
+    let orphans = match read() {
+        Ok((Some(secret), _)) => return (secret, false),
+        Ok((None, Some(false))) => false,
+        _ => true,
+    };
     // Subject keys without the secret that made their digests: a restore
     // has not brought the secret back yet. A new one would orphan them all.
-    let orphans = store::as_owner(|| {
-        store::select_one::<bool>("SELECT EXISTS (SELECT FROM subject_audit.subject_key)", &[])
-    });
-    if !matches!(orphans, Ok(Some(false))) {
+    if orphans {
         raise_with_hint(
             ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             "subject_audit.installation holds no secret, but subject keys exist",
@@ -187,7 +197,7 @@ fn installation_secret() -> (Vec<u8>, bool) {
         )
     });
     match read() {
-        Ok(Some(secret)) => (secret, true),
+        Ok((Some(secret), _)) => (secret, true),
         _ => raise(
             ERRCODE_DATA_CORRUPTED,
             "subject_audit.installation holds no secret; reinstall pg_subject_audit",

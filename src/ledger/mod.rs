@@ -15,7 +15,7 @@ pub mod worker;
 use pgrx::prelude::*;
 use pgrx::PgSqlErrorCode::*;
 
-use crate::integrity::{self, BlockFields, EventFields, GENESIS};
+use crate::integrity::{self, BlockFields, EventFields, LabelFields, GENESIS};
 use crate::store::{self, error::raise};
 
 /// Rows fetched per round trip while reading events.
@@ -282,10 +282,11 @@ fn block_events(
 ) -> Vec<[u8; 32]> {
     let mut leaves = Vec::with_capacity(block.event_count.max(0) as usize);
     let mut cursor = client.open_cursor(
-        "SELECT e.event_id, e.at, e.txid, e.operation, e.status, e.sqlstate, e.title, e.table_name, e.actor, \
-         e.db_role, e.session_role, e.application_name, pg_catalog.host(e.client_addr), e.changed_columns, \
-         e.subject_key_id, e.context_id, e.nonce, e.payload, e.row_hash, k.subject_digest \
+        "SELECT e.event_id, e.at, e.txid, l.operation, l.status, l.sqlstate, l.title, l.table_name, l.actor, \
+         l.db_role, l.session_role, l.application_name, pg_catalog.host(l.client_addr), l.changed_columns, \
+         e.subject_key_id, e.context_id, e.nonce, e.payload, e.row_hash, k.subject_digest, l.label_id \
          FROM subject_audit.event e \
+         LEFT JOIN subject_audit.event_label l ON l.label_id OPERATOR(pg_catalog.=) e.label_id \
          LEFT JOIN subject_audit.subject_key k ON k.subject_key_id OPERATOR(pg_catalog.=) e.subject_key_id \
          WHERE e.txid OPERATOR(pg_catalog.>=) $1 AND e.txid OPERATOR(pg_catalog.<) $2 ORDER BY e.event_id",
         &[block.from_txid.into(), block.to_txid.into()],
@@ -315,10 +316,7 @@ fn block_events(
             let (sqlstate, title, table_name, application_name, client_addr) =
                 (text(6), text(7), text(8), text(12), text(13));
             let (nonce, payload) = (bytes(17), bytes(18));
-            let hash = integrity::row_hash(&EventFields {
-                event_id,
-                at: at.map_or(0, |t| t.into_inner()),
-                txid: row.get::<i64>(3).ok().flatten().unwrap_or_default() as u64,
+            let label = LabelFields {
                 operation: &operation,
                 status: &status,
                 sqlstate: sqlstate.as_deref(),
@@ -330,13 +328,21 @@ fn block_events(
                 application_name: application_name.as_deref(),
                 client_addr: client_addr.as_deref(),
                 changed_columns: columns_ref.as_deref(),
+            };
+            let hash = integrity::row_hash(&EventFields {
+                event_id,
+                at: at.map_or(0, |t| t.into_inner()),
+                txid: row.get::<i64>(3).ok().flatten().unwrap_or_default() as u64,
+                label: &label,
                 subject_key_id: row.get(15).ok().flatten(),
                 subject_digest: subject_digest.as_deref(),
                 context_id: row.get(16).ok().flatten(),
                 nonce: nonce.as_deref(),
                 payload: payload.as_deref(),
             });
-            if bytes(19).as_deref() != Some(&hash[..]) {
+            if row.get::<i32>(21).ok().flatten().is_none() {
+                problems.push(format!("event {event_id}: its label is missing"));
+            } else if bytes(19).as_deref() != Some(&hash[..]) {
                 problems.push(format!(
                     "event {event_id}: altered (its stored fields do not match its hash)"
                 ));

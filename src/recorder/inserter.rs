@@ -12,7 +12,7 @@ use pgrx::PgSqlErrorCode::*;
 use crate::store::error::raise;
 
 /// Columns of `subject_audit.event`, in table order.
-pub const EVENT_COLUMNS: usize = 19;
+pub const EVENT_COLUMNS: usize = 9;
 /// Events per `table_multi_insert` call.
 const BATCH: usize = 1000;
 
@@ -22,27 +22,6 @@ pub unsafe fn text_datum(bytes: &[u8]) -> Datum {
         bytes.as_ptr() as *const c_char,
         bytes.len() as i32,
     ))
-}
-
-pub unsafe fn inet_datum(address: &str) -> Datum {
-    let address = std::ffi::CString::new(address).unwrap_or_default();
-    let mut input_fn = pg_sys::InvalidOid;
-    let mut io_param = pg_sys::InvalidOid;
-    pg_sys::getTypeInputInfo(pg_sys::INETOID, &mut input_fn, &mut io_param);
-    pg_sys::OidInputFunctionCall(input_fn, address.as_ptr() as *mut c_char, io_param, -1)
-}
-
-pub unsafe fn text_array(items: &[&str]) -> Datum {
-    let mut elements: Vec<Datum> = items.iter().map(|s| text_datum(s.as_bytes())).collect();
-    let array = pg_sys::construct_array(
-        elements.as_mut_ptr(),
-        elements.len() as i32,
-        pg_sys::TEXTOID,
-        -1,
-        false,
-        pg_sys::TYPALIGN_INT as c_char,
-    );
-    Datum::from(array)
 }
 
 /// Buffers events in slots and writes them with `table_multi_insert`, one

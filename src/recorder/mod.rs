@@ -5,8 +5,10 @@
 
 mod context;
 mod inserter;
+mod labels;
 
 pub use context::StatementContext;
+pub use labels::init;
 
 use std::collections::HashMap;
 use std::rc::Rc;
@@ -18,10 +20,10 @@ use zeroize::Zeroizing;
 
 use crate::crypto::{self, DataKey, DIGEST_LEN, NONCE_LEN};
 use crate::envelope::{self, Binding};
-use crate::integrity::{row_hash, EventFields};
+use crate::integrity::{row_hash, EventFields, LabelFields};
 use crate::keyring;
 use crate::store::{self, error::raise, error::raise_with_hint};
-use inserter::{text_array, text_datum, EventInserter, EVENT_COLUMNS};
+use inserter::{text_datum, EventInserter, EVENT_COLUMNS};
 
 unsafe extern "C-unwind" {
     fn nextval_internal(relid: pg_sys::Oid, check_permissions: bool) -> i64;
@@ -57,13 +59,63 @@ pub struct Header<'a> {
     pub table_name: Option<&'a str>,
 }
 
-/// A `changed_columns` list shared by drafts alike, as names and as a datum built once.
+/// A `changed_columns` list shared by drafts alike (or none), with what
+/// the events that share it have in common.
 struct ColumnSet<'a> {
-    shared: &'a Rc<[String]>,
-    names: Vec<&'a str>,
-    datum: Datum,
+    shared: Option<&'a Rc<[String]>>,
+    names: Option<Vec<&'a str>>,
     /// `metadata_digest` of the events that share this list.
     metadata: [u8; 32],
+    label_id: i32,
+}
+
+impl<'a> ColumnSet<'a> {
+    fn new(
+        header: &'a Header<'a>,
+        statement: &'a StatementContext,
+        shared: Option<&'a Rc<[String]>>,
+    ) -> Self {
+        let names: Option<Vec<&str>> = shared.map(|cols| cols.iter().map(String::as_str).collect());
+        let label = label_fields(header, statement, names.as_deref());
+        ColumnSet {
+            shared,
+            metadata: envelope::metadata_digest(
+                header.operation,
+                header.table_name,
+                names.as_deref(),
+            ),
+            label_id: labels::label_id(&label),
+            names,
+        }
+    }
+
+    fn holds(&self, columns: Option<&Rc<[String]>>) -> bool {
+        match (self.shared, columns) {
+            (Some(a), Some(b)) => Rc::ptr_eq(a, b),
+            (None, None) => true,
+            _ => false,
+        }
+    }
+}
+
+fn label_fields<'a>(
+    header: &'a Header<'a>,
+    statement: &'a StatementContext,
+    changed_columns: Option<&'a [&'a str]>,
+) -> LabelFields<'a> {
+    LabelFields {
+        operation: header.operation,
+        status: header.status,
+        sqlstate: header.sqlstate,
+        title: header.title,
+        table_name: header.table_name,
+        actor: &statement.actor,
+        db_role: &statement.db_role,
+        session_role: &statement.session_role,
+        application_name: statement.application_name.as_deref(),
+        client_addr: statement.client_addr.as_deref(),
+        changed_columns,
+    }
 }
 
 /// Records `drafts`, returns their event ids in order.
@@ -140,39 +192,43 @@ unsafe fn record_unchecked(groups: &[Group<'_>]) -> Vec<i64> {
         .unwrap_or_else(|e| raise(ERRCODE_INTERNAL_ERROR, e.to_string()));
     let mut nonces = nonces.chunks_exact(NONCE_LEN);
 
+    // Labels first: finding or adding one runs queries, which must not
+    // interleave with the inserter's batches.
+    let column_sets: Vec<(Vec<ColumnSet<'_>>, Vec<usize>)> = groups
+        .iter()
+        .map(|group| {
+            let mut sets: Vec<ColumnSet<'_>> = Vec::new();
+            let of_draft = group
+                .drafts
+                .iter()
+                .map(|draft| {
+                    let columns = draft.columns.as_ref();
+                    sets.iter()
+                        .position(|set| set.holds(columns))
+                        .unwrap_or_else(|| {
+                            sets.push(ColumnSet::new(group.header, group.statement, columns));
+                            sets.len() - 1
+                        })
+                })
+                .collect();
+            (sets, of_draft)
+        })
+        .collect();
+
     let relations = store::relations();
     let mut inserter = EventInserter::open(relations.event, count);
     // Boxed: a DataKey is large, and the map must not move them around as it grows.
     let mut data_keys: HashMap<i64, Box<DataKey>> = HashMap::with_capacity(subject_keys.len());
     let no_subject_key = writer.as_ref().map(|w| w.sender.data_key(None));
     let mut event_ids = Vec::with_capacity(count);
-    for group in groups {
-        let (header, statement, drafts) = (group.header, group.statement, group.drafts);
-        let text = |s: Option<&str>| s.map(|s| text_datum(s.as_bytes()));
-        // Values shared by every event of the group, as datums built once.
+    for (group, (sets, of_draft)) in groups.iter().zip(&column_sets) {
+        let (header, statement) = (group.header, group.statement);
         let shared = [
             Some(Datum::from(statement.at)),
             Some(Datum::from(statement.txid)),
-            text(Some(header.operation)),
-            text(Some(header.status)),
-            text(header.title),
-            text(header.table_name),
-            text(Some(&statement.actor)),
-            text(Some(&statement.db_role)),
-            text(Some(&statement.session_role)),
-            text(statement.application_name.as_deref()),
-            statement
-                .client_addr
-                .as_deref()
-                .map(|a| inserter::inet_datum(a)),
         ];
-        let mut column_sets: Vec<ColumnSet<'_>> = Vec::new();
-        // `metadata_digest` of the group's events without changed columns.
-        let no_columns_metadata =
-            envelope::metadata_digest(header.operation, header.table_name, None);
-        let sqlstate = text(header.sqlstate);
-
-        for (draft, nonce) in drafts.iter().zip(&mut nonces) {
+        for ((draft, set), nonce) in group.drafts.iter().zip(of_draft).zip(&mut nonces) {
+            let set = &sets[*set];
             let event_id = pg_sys::ffi::pg_guard_ffi_boundary(|| {
                 nextval_internal(relations.event_id_seq, false)
             });
@@ -189,31 +245,6 @@ unsafe fn record_unchecked(groups: &[Group<'_>]) -> Vec<i64> {
                 Subject::Key(id, digest) => (Some(*id), Some(&digest[..])),
             };
             let nonce: &[u8; NONCE_LEN] = nonce.try_into().expect("chunks_exact");
-            let columns = draft.columns.as_ref().map(|cols| {
-                column_sets
-                    .iter()
-                    .position(|set| Rc::ptr_eq(set.shared, cols))
-                    .unwrap_or_else(|| {
-                        let names: Vec<&str> = cols.iter().map(String::as_str).collect();
-                        let datum = text_array(&names);
-                        let metadata = envelope::metadata_digest(
-                            header.operation,
-                            header.table_name,
-                            Some(&names),
-                        );
-                        column_sets.push(ColumnSet {
-                            shared: cols,
-                            names,
-                            datum,
-                            metadata,
-                        });
-                        column_sets.len() - 1
-                    })
-            });
-            let metadata = match columns {
-                Some(i) => column_sets[i].metadata,
-                None => no_columns_metadata,
-            };
             let sealed = match (&draft.payload, &writer) {
                 (Some(payload), Some(writer)) => {
                     let key: &DataKey = match subject_key {
@@ -233,7 +264,7 @@ unsafe fn record_unchecked(groups: &[Group<'_>]) -> Vec<i64> {
                         subject_key_id,
                         subject_digest,
                         context_id: writer.context_id,
-                        metadata,
+                        metadata: set.metadata,
                     };
                     let ciphertext = envelope::seal_event(key, nonce, &binding, payload)
                         .unwrap_or_else(|e| raise(ERRCODE_INTERNAL_ERROR, e.to_string()));
@@ -241,44 +272,30 @@ unsafe fn record_unchecked(groups: &[Group<'_>]) -> Vec<i64> {
                 }
                 _ => None,
             };
-            let fields = EventFields {
+            let label = label_fields(header, statement, set.names.as_deref());
+            let hash = row_hash(&EventFields {
                 event_id,
                 at: statement.at,
                 txid: statement.txid,
-                operation: header.operation,
-                status: header.status,
-                sqlstate: header.sqlstate,
-                title: header.title,
-                table_name: header.table_name,
-                actor: &statement.actor,
-                db_role: &statement.db_role,
-                session_role: &statement.session_role,
-                application_name: statement.application_name.as_deref(),
-                client_addr: statement.client_addr.as_deref(),
-                changed_columns: columns.map(|i| &column_sets[i].names[..]),
+                label: &label,
                 subject_key_id,
                 subject_digest,
                 context_id: sealed.as_ref().map(|s| s.0),
                 nonce: sealed.as_ref().map(|_| &nonce[..]),
                 payload: sealed.as_ref().map(|s| &s.1[..]),
-            };
-            let hash = row_hash(&fields);
-            let columns_datum = columns.map(|i| column_sets[i].datum);
+            });
             inserter.insert(|| {
                 let mut values: [Option<Datum>; EVENT_COLUMNS] = [None; EVENT_COLUMNS];
                 values[0] = Some(Datum::from(event_id));
-                values[1..3].copy_from_slice(&shared[0..2]);
-                values[3..5].copy_from_slice(&shared[2..4]);
-                values[5] = sqlstate;
-                values[6..13].copy_from_slice(&shared[4..11]);
-                values[13] = columns_datum;
-                values[14] = subject_key_id.map(Datum::from);
+                values[1..3].copy_from_slice(&shared);
+                values[3] = subject_key_id.map(Datum::from);
+                values[5] = Some(Datum::from(set.label_id));
                 if let Some((context_id, ciphertext)) = &sealed {
-                    values[15] = Some(Datum::from(*context_id));
-                    values[16] = Some(text_datum(nonce));
-                    values[17] = Some(text_datum(ciphertext));
+                    values[4] = Some(Datum::from(*context_id));
+                    values[6] = Some(text_datum(nonce));
+                    values[7] = Some(text_datum(ciphertext));
                 }
-                values[18] = Some(text_datum(&hash));
+                values[8] = Some(text_datum(&hash));
                 values
             });
         }

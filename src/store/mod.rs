@@ -19,6 +19,7 @@ pub const SCHEMA: &std::ffi::CStr = c"subject_audit";
 pub struct Relations {
     pub event: Oid,
     pub event_id_seq: Oid,
+    pub event_label: Oid,
     pub subject_key: Oid,
     /// Unique index on (subject_digest, erased_at), NULLS NOT DISTINCT.
     pub subject_key_digest: Oid,
@@ -123,6 +124,7 @@ unsafe fn lookup_relations() -> Relations {
     Relations {
         event,
         event_id_seq: rel(c"event_event_id_seq"),
+        event_label: rel(c"event_label"),
         subject_key: rel(c"subject_key"),
         subject_key_digest: rel(c"subject_key_digest"),
         writer_key: rel(c"writer_key"),
@@ -146,6 +148,7 @@ pub fn forget_relation(relid: Oid) {
     let ours = [
         r.event,
         r.event_id_seq,
+        r.event_label,
         r.subject_key,
         r.writer_key,
         r.writer_context,

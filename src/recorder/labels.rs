@@ -1,0 +1,163 @@
+//! Event labels: each distinct combination of what events say about
+//! themselves (operation, table, who, which columns) is stored once in
+//! `subject_audit.event_label`, and events name it by id.
+//!
+//! A backend remembers the labels it has used. Labels are never changed or
+//! deleted, so a committed one stays valid; one this transaction added is
+//! forgotten if the transaction (or the savepoint that added it) rolls back.
+//! Two backends adding the same label at once store it twice, which is
+//! harmless: events are hashed over the label's fields, not its id.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+use pgrx::PgSqlErrorCode::*;
+
+use crate::integrity::{label_digest, LabelFields};
+use crate::store::{self, error::raise};
+
+/// Past this many remembered labels the backend starts over (a workload with
+/// ever new labels: client addresses, column combinations).
+const MAX_REMEMBERED: usize = 10_000;
+
+#[derive(Default)]
+struct Labels {
+    /// The `event_label` table the ids belong to: another one after the
+    /// extension is dropped and created again.
+    table: pg_sys::Oid,
+    committed: HashMap<[u8; 32], i32>,
+    /// Added by this transaction, with the subtransaction that added them.
+    added: Vec<([u8; 32], i32, pg_sys::SubTransactionId)>,
+}
+
+thread_local! {
+    static LABELS: RefCell<Labels> = RefCell::new(Labels::default());
+}
+
+/// The id of the label with these fields, added if there is none yet.
+pub fn label_id(label: &LabelFields<'_>) -> i32 {
+    let digest = label_digest(label);
+    let table = store::relations().event_label;
+    let known = LABELS.with(|l| {
+        let mut l = l.borrow_mut();
+        if l.table != table {
+            *l = Labels {
+                table,
+                ..Labels::default()
+            };
+        }
+        l.committed.get(&digest).copied().or_else(|| {
+            l.added
+                .iter()
+                .find(|(d, _, _)| *d == digest)
+                .map(|(_, id, _)| *id)
+        })
+    });
+    if let Some(id) = known {
+        return id;
+    }
+    // A row visible here that this transaction did not add is committed.
+    let found = store::as_owner(|| {
+        store::select_one::<i32>(
+            "SELECT (SELECT label_id FROM subject_audit.event_label \
+             WHERE label_digest OPERATOR(pg_catalog.=) $1 LIMIT 1)",
+            &[digest.to_vec().into()],
+        )
+    })
+    .unwrap_or_else(|e| raise(ERRCODE_INTERNAL_ERROR, format!("event label lookup: {e}")));
+    if let Some(id) = found {
+        LABELS.with(|l| {
+            let mut l = l.borrow_mut();
+            if l.committed.len() >= MAX_REMEMBERED {
+                l.committed.clear();
+            }
+            l.committed.insert(digest, id);
+        });
+        return id;
+    }
+    let id = add(&digest, label);
+    let subxact = unsafe { pg_sys::GetCurrentSubTransactionId() };
+    LABELS.with(|l| l.borrow_mut().added.push((digest, id, subxact)));
+    id
+}
+
+fn add(digest: &[u8; 32], l: &LabelFields<'_>) -> i32 {
+    let columns: Option<Vec<&str>> = l.changed_columns.map(<[&str]>::to_vec);
+    store::as_owner(|| {
+        Spi::get_one_with_args::<i32>(
+            "INSERT INTO subject_audit.event_label (label_digest, operation, status, sqlstate, title, \
+             table_name, actor, db_role, session_role, application_name, client_addr, changed_columns) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11::pg_catalog.inet, $12) RETURNING label_id",
+            &[
+                digest.to_vec().into(),
+                l.operation.into(),
+                l.status.into(),
+                l.sqlstate.into(),
+                l.title.into(),
+                l.table_name.into(),
+                l.actor.into(),
+                l.db_role.into(),
+                l.session_role.into(),
+                l.application_name.into(),
+                l.client_addr.into(),
+                columns.into(),
+            ],
+        )
+    })
+    .ok()
+    .flatten()
+    .unwrap_or_else(|| raise(ERRCODE_INTERNAL_ERROR, "could not store an event label"))
+}
+
+/// Registers the transaction callbacks that keep the labels honest.
+pub fn init() {
+    unsafe {
+        pg_sys::RegisterXactCallback(Some(on_xact_event), std::ptr::null_mut());
+        pg_sys::RegisterSubXactCallback(Some(on_subxact_event), std::ptr::null_mut());
+    }
+}
+
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn on_xact_event(
+    event: pg_sys::XactEvent::Type,
+    _arg: *mut std::ffi::c_void,
+) {
+    match event {
+        pg_sys::XactEvent::XACT_EVENT_COMMIT | pg_sys::XactEvent::XACT_EVENT_PARALLEL_COMMIT => {
+            LABELS.with(|l| {
+                let mut l = l.borrow_mut();
+                let added = std::mem::take(&mut l.added);
+                if l.committed.len() + added.len() > MAX_REMEMBERED {
+                    l.committed.clear();
+                }
+                l.committed
+                    .extend(added.into_iter().map(|(digest, id, _)| (digest, id)));
+            })
+        }
+        // A prepared transaction may still roll back: forget what it added.
+        pg_sys::XactEvent::XACT_EVENT_ABORT
+        | pg_sys::XactEvent::XACT_EVENT_PARALLEL_ABORT
+        | pg_sys::XactEvent::XACT_EVENT_PREPARE => LABELS.with(|l| l.borrow_mut().added.clear()),
+        _ => {}
+    }
+}
+
+/// Subtransaction ids grow within a transaction: an aborted savepoint takes
+/// with it every label added at or after its id.
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn on_subxact_event(
+    event: pg_sys::SubXactEvent::Type,
+    my_subid: pg_sys::SubTransactionId,
+    _parent: pg_sys::SubTransactionId,
+    _arg: *mut std::ffi::c_void,
+) {
+    if event == pg_sys::SubXactEvent::SUBXACT_EVENT_ABORT_SUB {
+        LABELS.with(|l| {
+            l.borrow_mut()
+                .added
+                .retain(|(_, _, since)| *since < my_subid)
+        });
+    }
+}
