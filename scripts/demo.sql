@@ -48,7 +48,7 @@ COMMIT;
 SELECT event_id, operation, title, actor, changed_columns, subject_ref FROM subject_audit.events ORDER BY event_id;
 
 \echo '== 5. The raw audit rows hold no personal value: ciphertext and digests'
-SELECT event_id, operation, subject_key_id, encode(substr(payload, 1, 16), 'hex') || '...' AS payload_start,
+SELECT event_id, label_id, subject_key_id, encode(substr(payload, 1, 16), 'hex') || '...' AS payload_start,
        length(payload) AS payload_bytes
 FROM subject_audit.event ORDER BY event_id;
 SELECT count(*) AS rows_mentioning_ann FROM subject_audit.event e WHERE e::text LIKE '%ann@%';

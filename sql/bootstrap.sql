@@ -59,12 +59,12 @@ CREATE TABLE subject_audit.tracked_table (
 
 CREATE SEQUENCE subject_audit.event_event_id_seq AS bigint;
 
--- What events say about themselves, apart from their subject and payload:
--- the same few combinations of operation, table, who and which columns recur
--- in millions of events, so each event names one by id (a third of an
--- event's bytes). Rows are looked up by the digest of their fields and never
--- change; two backends may add the same label at once (harmless: events hash
--- the label's fields, not its id).
+-- What events say about themselves, apart from their subject, title and
+-- payload: the same few combinations of operation, table, who and which
+-- columns recur in millions of events, so each event names one by id (they
+-- were a third of an event's bytes). Rows are looked up by the digest of their
+-- fields and never change; two backends may add the same label at once
+-- (harmless: events hash the label's fields, not its id).
 CREATE SEQUENCE subject_audit.event_label_label_id_seq AS integer;
 CREATE TABLE subject_audit.event_label (
     label_id integer PRIMARY KEY DEFAULT nextval('subject_audit.event_label_label_id_seq'),
@@ -72,7 +72,6 @@ CREATE TABLE subject_audit.event_label (
     operation text NOT NULL,
     status text NOT NULL,
     sqlstate text,
-    title text,
     table_name text,
     actor text NOT NULL,
     db_role text NOT NULL,
@@ -92,6 +91,7 @@ CREATE TABLE subject_audit.event (
     subject_key_id bigint,
     context_id bigint,
     label_id integer NOT NULL,      -- subject_audit.event_label
+    title text,                     -- NULL: the default, operation and table
     nonce bytea,
     payload bytea,
     row_hash bytea NOT NULL
@@ -160,14 +160,14 @@ SELECT e.event_id,
        e.at,
        l.table_name,
        l.operation,
-       coalesce(l.title, lower(l.operation) || ' ' || l.table_name) AS title,
+       coalesce(e.title, lower(l.operation) || ' ' || l.table_name) AS title,
        l.status,
        l.sqlstate,
        l.actor,
        l.changed_columns,
        substr(encode(k.subject_digest, 'hex'), 1, 12) AS subject_ref
 FROM subject_audit.event e
-JOIN subject_audit.event_label l USING (label_id)
+LEFT JOIN subject_audit.event_label l USING (label_id)
 LEFT JOIN subject_audit.subject_key k USING (subject_key_id);
 
 -- Reporting without a key: events per day (in the session's time zone),
@@ -180,7 +180,7 @@ SELECT e.at::date AS day,
        count(*) AS events,
        count(DISTINCT e.subject_key_id) AS subjects
 FROM subject_audit.event e
-JOIN subject_audit.event_label l USING (label_id)
+LEFT JOIN subject_audit.event_label l USING (label_id)
 GROUP BY 1, 2, 3, 4
 ORDER BY 1, 2, 3, 4;
 

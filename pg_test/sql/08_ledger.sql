@@ -65,7 +65,7 @@ ROLLBACK;
 -- 3. An event inserted into a sealed range (a copy of a real one under a new id).
 BEGIN;
 INSERT INTO subject_audit.event
-SELECT 1000, at, txid, subject_key_id, context_id, label_id, nonce, payload, row_hash
+SELECT 1000, at, txid, subject_key_id, context_id, label_id, title, nonce, payload, row_hash
 FROM subject_audit.event WHERE event_id = 2;
 SELECT ok, problems FROM subject_audit.verify();
 ROLLBACK;

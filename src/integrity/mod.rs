@@ -4,14 +4,13 @@
 
 use crate::crypto::sha256;
 
-/// What an event says about itself apart from its subject and payload: a
-/// row of `subject_audit.event_label`, shared by many events.
+/// What an event says about itself apart from its subject, title and
+/// payload: a row of `subject_audit.event_label`, shared by many events.
 #[derive(Clone, Copy, Debug)]
 pub struct LabelFields<'a> {
     pub operation: &'a str,
     pub status: &'a str,
     pub sqlstate: Option<&'a str>,
-    pub title: Option<&'a str>,
     pub table_name: Option<&'a str>,
     pub actor: &'a str,
     pub db_role: &'a str,
@@ -30,6 +29,7 @@ pub struct EventFields<'a> {
     pub at: i64,
     pub txid: u64,
     pub label: &'a LabelFields<'a>,
+    pub title: Option<&'a str>,
     pub subject_key_id: Option<i64>,
     /// The keyed digest of that subject key (kept in `subject_key`): covering
     /// it means a subject key re-labelled as someone else's is caught.
@@ -48,6 +48,7 @@ pub fn row_hash(f: &EventFields<'_>) -> [u8; 32] {
     buf.extend_from_slice(&f.at.to_be_bytes());
     buf.extend_from_slice(&f.txid.to_be_bytes());
     put_label(&mut buf, f.label);
+    put_opt(&mut buf, f.title.map(str::as_bytes));
     put_opt(
         &mut buf,
         f.subject_key_id
@@ -78,7 +79,6 @@ fn put_label(buf: &mut Vec<u8>, l: &LabelFields<'_>) {
         Some(l.operation),
         Some(l.status),
         l.sqlstate,
-        l.title,
         l.table_name,
         Some(l.actor),
         Some(l.db_role),
@@ -120,7 +120,6 @@ mod tests {
             operation: "UPDATE",
             status: "ok",
             sqlstate: None,
-            title: None,
             table_name: Some("public.customers"),
             actor: "app",
             db_role: "app",
@@ -137,6 +136,7 @@ mod tests {
             at: 0,
             txid: 700,
             label,
+            title: None,
             subject_key_id: Some(1),
             subject_digest: Some(&[3; 32]),
             context_id: Some(1),
@@ -152,7 +152,6 @@ mod tests {
             Box::new(|l| l.operation = "DELETE"),
             Box::new(|l| l.status = "error"),
             Box::new(|l| l.sqlstate = Some("23505")),
-            Box::new(|l| l.title = Some("x")),
             Box::new(|l| l.table_name = None),
             Box::new(|l| l.actor = "bob"),
             Box::new(|l| l.db_role = "bob"),
@@ -173,6 +172,7 @@ mod tests {
             Box::new(|f| f.event_id = 2),
             Box::new(|f| f.at = 1),
             Box::new(|f| f.txid = 701),
+            Box::new(|f| f.title = Some("x")),
             Box::new(|f| f.subject_key_id = Some(2)),
             Box::new(|f| f.subject_digest = Some(&[4; 32])),
             Box::new(|f| f.context_id = None),
@@ -459,7 +459,6 @@ mod cost {
                 operation: "UPDATE",
                 status: "ok",
                 sqlstate: None,
-                title: None,
                 table_name: Some("public.customers"),
                 actor: "support:alice",
                 db_role: "app",
@@ -473,6 +472,7 @@ mod cost {
                 at: 0,
                 txid: 1,
                 label: &label,
+                title: None,
                 subject_key_id: Some(42),
                 subject_digest: Some(&[3; 32]),
                 context_id: Some(1),

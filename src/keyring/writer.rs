@@ -147,17 +147,17 @@ pub fn writer_context() -> Rc<WriterContext> {
 /// The secret that keys subject digests, created on first use (then the
 /// flag is true).
 fn installation_secret() -> (Vec<u8>, bool) {
-    // The secret and whether any subject key exists, read in one statement
-    // (one snapshot): a first writer committing both between two reads would
-    // look like keys without a secret.
+    // The secret or, without one, whether any subject key exists, read in
+    // one statement (one snapshot): a first writer committing both between
+    // two reads would look like keys without a secret.
     let read = || {
         store::as_owner(|| {
             // Read-only (no transaction id assigned): readers digest tokens too.
             Spi::connect(|client| {
                 client
                     .select(
-                        "SELECT (SELECT subject_secret FROM subject_audit.installation), \
-                         EXISTS (SELECT FROM subject_audit.subject_key)",
+                        "SELECT s, CASE WHEN s IS NULL THEN EXISTS (SELECT FROM subject_audit.subject_key) END \
+                         FROM (SELECT (SELECT subject_secret FROM subject_audit.installation)) AS i(s)",
                         Some(1),
                         &[],
                     )?

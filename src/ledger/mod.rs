@@ -183,6 +183,7 @@ fn verify_with(client: &pgrx::spi::SpiClient<'_>, checkpoint: Option<&str>) -> V
         listed: Vec::new(),
         more: 0,
     };
+    check_labels(client, &mut problems);
     let blocks = read_blocks(client, false);
     let mut previous_hash = GENESIS.to_vec();
     let mut previous_to = 0i64;
@@ -274,6 +275,54 @@ fn verify_with(client: &pgrx::spi::SpiClient<'_>, checkpoint: Option<&str>) -> V
     }
 }
 
+/// Labels are shared: one altered is reported by every event that names it,
+/// and here once by itself (it no longer matches the digest it is found by).
+fn check_labels(client: &pgrx::spi::SpiClient<'_>, problems: &mut Problems) {
+    let labels = client
+        .select(
+            "SELECT label_id, label_digest, operation, status, sqlstate, table_name, actor, db_role, \
+             session_role, application_name, pg_catalog.host(client_addr), changed_columns \
+             FROM subject_audit.event_label ORDER BY label_id",
+            None,
+            &[],
+        )
+        .unwrap_or_else(|e| spi_error(e));
+    for row in labels {
+        let text = |i: usize| row.get::<String>(i).ok().flatten();
+        let (operation, status, actor, db_role, session_role) = (
+            text(3).unwrap_or_default(),
+            text(4).unwrap_or_default(),
+            text(7).unwrap_or_default(),
+            text(8).unwrap_or_default(),
+            text(9).unwrap_or_default(),
+        );
+        let (sqlstate, table_name, application_name, client_addr) =
+            (text(5), text(6), text(10), text(11));
+        let columns: Option<Vec<String>> = row.get(12).ok().flatten();
+        let columns_ref: Option<Vec<&str>> = columns
+            .as_ref()
+            .map(|c| c.iter().map(String::as_str).collect());
+        let digest = integrity::label_digest(&LabelFields {
+            operation: &operation,
+            status: &status,
+            sqlstate: sqlstate.as_deref(),
+            table_name: table_name.as_deref(),
+            actor: &actor,
+            db_role: &db_role,
+            session_role: &session_role,
+            application_name: application_name.as_deref(),
+            client_addr: client_addr.as_deref(),
+            changed_columns: columns_ref.as_deref(),
+        });
+        if row.get::<Vec<u8>>(2).ok().flatten().as_deref() != Some(&digest[..]) {
+            let label_id: i32 = row.get(1).ok().flatten().unwrap_or_default();
+            problems.push(format!(
+                "label {label_id}: altered (its fields do not match its digest)"
+            ));
+        }
+    }
+}
+
 /// Recomputes the hash of every event in `block` from its stored fields.
 fn block_events(
     client: &pgrx::spi::SpiClient<'_>,
@@ -282,7 +331,7 @@ fn block_events(
 ) -> Vec<[u8; 32]> {
     let mut leaves = Vec::with_capacity(block.event_count.max(0) as usize);
     let mut cursor = client.open_cursor(
-        "SELECT e.event_id, e.at, e.txid, l.operation, l.status, l.sqlstate, l.title, l.table_name, l.actor, \
+        "SELECT e.event_id, e.at, e.txid, l.operation, l.status, l.sqlstate, e.title, l.table_name, l.actor, \
          l.db_role, l.session_role, l.application_name, pg_catalog.host(l.client_addr), l.changed_columns, \
          e.subject_key_id, e.context_id, e.nonce, e.payload, e.row_hash, k.subject_digest, l.label_id \
          FROM subject_audit.event e \
@@ -320,7 +369,6 @@ fn block_events(
                 operation: &operation,
                 status: &status,
                 sqlstate: sqlstate.as_deref(),
-                title: title.as_deref(),
                 table_name: table_name.as_deref(),
                 actor: &actor,
                 db_role: &db_role,
@@ -334,6 +382,7 @@ fn block_events(
                 at: at.map_or(0, |t| t.into_inner()),
                 txid: row.get::<i64>(3).ok().flatten().unwrap_or_default() as u64,
                 label: &label,
+                title: title.as_deref(),
                 subject_key_id: row.get(15).ok().flatten(),
                 subject_digest: subject_digest.as_deref(),
                 context_id: row.get(16).ok().flatten(),

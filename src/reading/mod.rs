@@ -159,13 +159,13 @@ pub fn subject_events(token: &str, only_event: Option<i64>) -> Vec<DecryptedEven
     keyring::ensure_unlocked();
     let digest = keyring::subject_digest(token.as_bytes());
     let query = "SELECT e.event_id, e.at, l.operation, \
-                 coalesce(l.title, pg_catalog.lower(l.operation) OPERATOR(pg_catalog.||) ' ' OPERATOR(pg_catalog.||) l.table_name), \
+                 coalesce(e.title, pg_catalog.lower(l.operation) OPERATOR(pg_catalog.||) ' ' OPERATOR(pg_catalog.||) l.table_name), \
                  l.status, l.actor, l.table_name, l.changed_columns, e.subject_key_id, e.context_id, \
                  e.nonce, e.payload, k.salt, c.key_id, c.encapsulated_key, \
                  l.sqlstate, l.db_role, l.session_role, l.application_name, pg_catalog.host(l.client_addr), e.txid \
                  FROM subject_audit.subject_key k \
                  JOIN subject_audit.event e ON e.subject_key_id OPERATOR(pg_catalog.=) k.subject_key_id \
-                 JOIN subject_audit.event_label l ON l.label_id OPERATOR(pg_catalog.=) e.label_id \
+                 LEFT JOIN subject_audit.event_label l ON l.label_id OPERATOR(pg_catalog.=) e.label_id \
                  LEFT JOIN subject_audit.writer_context c ON c.context_id OPERATOR(pg_catalog.=) e.context_id \
                  WHERE k.subject_digest OPERATOR(pg_catalog.=) $1 \
                  AND ($2 IS NULL OR e.event_id OPERATOR(pg_catalog.=) $2) \

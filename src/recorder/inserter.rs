@@ -12,7 +12,7 @@ use pgrx::PgSqlErrorCode::*;
 use crate::store::error::raise;
 
 /// Columns of `subject_audit.event`, in table order.
-pub const EVENT_COLUMNS: usize = 9;
+pub const EVENT_COLUMNS: usize = 10;
 /// Events per `table_multi_insert` call.
 const BATCH: usize = 1000;
 

@@ -5,8 +5,10 @@
 //! A backend remembers the labels it has used. Labels are never changed or
 //! deleted, so a committed one stays valid; one this transaction added is
 //! forgotten if the transaction (or the savepoint that added it) rolls back.
-//! Two backends adding the same label at once store it twice, which is
-//! harmless: events are hashed over the label's fields, not its id.
+//! A label is only taken if all its fields match (not just its digest): a
+//! label altered behind our back is not used again. Two backends adding the
+//! same label at once store it twice, which is harmless: events are hashed
+//! over the label's fields, not its id.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -14,6 +16,7 @@ use std::collections::HashMap;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use pgrx::PgSqlErrorCode::*;
+use pgrx::{PgBuiltInOids, PgOid};
 
 use crate::integrity::{label_digest, LabelFields};
 use crate::store::{self, error::raise};
@@ -28,8 +31,8 @@ struct Labels {
     /// extension is dropped and created again.
     table: pg_sys::Oid,
     committed: HashMap<[u8; 32], i32>,
-    /// Added by this transaction, with the subtransaction that added them.
-    added: Vec<([u8; 32], i32, pg_sys::SubTransactionId)>,
+    /// Added by this transaction: id and the subtransaction that added it.
+    added: HashMap<[u8; 32], (i32, pg_sys::SubTransactionId)>,
 }
 
 thread_local! {
@@ -48,26 +51,16 @@ pub fn label_id(label: &LabelFields<'_>) -> i32 {
                 ..Labels::default()
             };
         }
-        l.committed.get(&digest).copied().or_else(|| {
-            l.added
-                .iter()
-                .find(|(d, _, _)| *d == digest)
-                .map(|(_, id, _)| *id)
-        })
+        l.committed
+            .get(&digest)
+            .or_else(|| l.added.get(&digest).map(|(id, _)| id))
+            .copied()
     });
     if let Some(id) = known {
         return id;
     }
     // A row visible here that this transaction did not add is committed.
-    let found = store::as_owner(|| {
-        store::select_one::<i32>(
-            "SELECT (SELECT label_id FROM subject_audit.event_label \
-             WHERE label_digest OPERATOR(pg_catalog.=) $1 LIMIT 1)",
-            &[digest.to_vec().into()],
-        )
-    })
-    .unwrap_or_else(|e| raise(ERRCODE_INTERNAL_ERROR, format!("event label lookup: {e}")));
-    if let Some(id) = found {
+    if let Some(id) = run(FIND, &digest, label) {
         LABELS.with(|l| {
             let mut l = l.borrow_mut();
             if l.committed.len() >= MAX_REMEMBERED {
@@ -77,45 +70,77 @@ pub fn label_id(label: &LabelFields<'_>) -> i32 {
         });
         return id;
     }
-    let id = add(&digest, label);
+    let id = run(ADD, &digest, label)
+        .unwrap_or_else(|| raise(ERRCODE_INTERNAL_ERROR, "could not store an event label"));
     let subxact = unsafe { pg_sys::GetCurrentSubTransactionId() };
-    LABELS.with(|l| l.borrow_mut().added.push((digest, id, subxact)));
+    LABELS.with(|l| l.borrow_mut().added.insert(digest, (id, subxact)));
     id
 }
 
-fn add(digest: &[u8; 32], l: &LabelFields<'_>) -> i32 {
+/// A label with exactly these fields (NULLs alike).
+const FIND: &str = "SELECT label_id FROM subject_audit.event_label \
+     WHERE label_digest OPERATOR(pg_catalog.=) $1 AND operation OPERATOR(pg_catalog.=) $2 \
+     AND status OPERATOR(pg_catalog.=) $3 AND sqlstate IS NOT DISTINCT FROM $4 \
+     AND table_name IS NOT DISTINCT FROM $5 AND actor OPERATOR(pg_catalog.=) $6 \
+     AND db_role OPERATOR(pg_catalog.=) $7 AND session_role OPERATOR(pg_catalog.=) $8 \
+     AND application_name IS NOT DISTINCT FROM $9 \
+     AND client_addr IS NOT DISTINCT FROM $10::pg_catalog.inet \
+     AND changed_columns IS NOT DISTINCT FROM $11 LIMIT 1";
+const ADD: &str =
+    "INSERT INTO subject_audit.event_label (label_digest, operation, status, sqlstate, \
+     table_name, actor, db_role, session_role, application_name, client_addr, changed_columns) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10::pg_catalog.inet, $11) RETURNING label_id";
+
+/// Runs `FIND` or `ADD` (plans kept for the backend) as the extension owner.
+fn run(query: &'static str, digest: &[u8; 32], l: &LabelFields<'_>) -> Option<i32> {
+    let mut types = vec![PgOid::BuiltIn(PgBuiltInOids::TEXTOID); 11];
+    types[0] = PgOid::BuiltIn(PgBuiltInOids::BYTEAOID);
+    types[10] = PgOid::BuiltIn(PgBuiltInOids::TEXTARRAYOID);
     let columns: Option<Vec<&str>> = l.changed_columns.map(<[&str]>::to_vec);
+    let args: [pgrx::datum::DatumWithOid; 11] = [
+        digest.as_slice().into(),
+        l.operation.into(),
+        l.status.into(),
+        l.sqlstate.into(),
+        l.table_name.into(),
+        l.actor.into(),
+        l.db_role.into(),
+        l.session_role.into(),
+        l.application_name.into(),
+        l.client_addr.into(),
+        columns.into(),
+    ];
     store::as_owner(|| {
-        Spi::get_one_with_args::<i32>(
-            "INSERT INTO subject_audit.event_label (label_digest, operation, status, sqlstate, title, \
-             table_name, actor, db_role, session_role, application_name, client_addr, changed_columns) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11::pg_catalog.inet, $12) RETURNING label_id",
-            &[
-                digest.to_vec().into(),
-                l.operation.into(),
-                l.status.into(),
-                l.sqlstate.into(),
-                l.title.into(),
-                l.table_name.into(),
-                l.actor.into(),
-                l.db_role.into(),
-                l.session_role.into(),
-                l.application_name.into(),
-                l.client_addr.into(),
-                columns.into(),
-            ],
-        )
+        Spi::connect_mut(|client| {
+            let plan = store::prepared(client, query, &types);
+            let table = client.update(&*plan, Some(1), &args)?;
+            if table.is_empty() {
+                return Ok(None);
+            }
+            table.first().get_one::<i32>()
+        })
     })
-    .ok()
-    .flatten()
-    .unwrap_or_else(|| raise(ERRCODE_INTERNAL_ERROR, "could not store an event label"))
+    .unwrap_or_else(|e| raise(ERRCODE_INTERNAL_ERROR, format!("event label: {e}")))
 }
 
-/// Registers the transaction callbacks that keep the labels honest.
+/// Registers the callbacks that keep the labels honest.
 pub fn init() {
     unsafe {
+        pg_sys::CacheRegisterRelcacheCallback(
+            Some(on_relcache_invalidation),
+            pg_sys::Datum::from(0),
+        );
         pg_sys::RegisterXactCallback(Some(on_xact_event), std::ptr::null_mut());
         pg_sys::RegisterSubXactCallback(Some(on_subxact_event), std::ptr::null_mut());
+    }
+}
+
+/// `event_label` truncated or rewritten (by hand: we never do): its OID
+/// alone would not tell, so forget the ids.
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn on_relcache_invalidation(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
+    if relid == pg_sys::InvalidOid || store::is_cached(relid, |r| r.event_label) {
+        LABELS.with(|l| l.borrow_mut().committed.clear());
     }
 }
 
@@ -132,8 +157,12 @@ unsafe extern "C-unwind" fn on_xact_event(
                 if l.committed.len() + added.len() > MAX_REMEMBERED {
                     l.committed.clear();
                 }
-                l.committed
-                    .extend(added.into_iter().map(|(digest, id, _)| (digest, id)));
+                l.committed.extend(
+                    added
+                        .into_iter()
+                        .take(MAX_REMEMBERED)
+                        .map(|(digest, (id, _))| (digest, id)),
+                );
             })
         }
         // A prepared transaction may still roll back: forget what it added.
@@ -157,7 +186,7 @@ unsafe extern "C-unwind" fn on_subxact_event(
         LABELS.with(|l| {
             l.borrow_mut()
                 .added
-                .retain(|(_, _, since)| *since < my_subid)
+                .retain(|_, (_, since)| *since < my_subid)
         });
     }
 }

@@ -107,7 +107,6 @@ fn label_fields<'a>(
         operation: header.operation,
         status: header.status,
         sqlstate: header.sqlstate,
-        title: header.title,
         table_name: header.table_name,
         actor: &statement.actor,
         db_role: &statement.db_role,
@@ -198,17 +197,26 @@ unsafe fn record_unchecked(groups: &[Group<'_>]) -> Vec<i64> {
         .iter()
         .map(|group| {
             let mut sets: Vec<ColumnSet<'_>> = Vec::new();
+            // Drafts alike mostly come in runs sharing one list; lists equal
+            // in content are one set all the same.
+            let mut by_content: HashMap<Option<&[String]>, usize> = HashMap::new();
+            let mut last: Option<usize> = None;
             let of_draft = group
                 .drafts
                 .iter()
                 .map(|draft| {
                     let columns = draft.columns.as_ref();
-                    sets.iter()
-                        .position(|set| set.holds(columns))
-                        .unwrap_or_else(|| {
+                    if let Some(i) = last.filter(|&i| sets[i].holds(columns)) {
+                        return i;
+                    }
+                    let i = *by_content
+                        .entry(columns.map(|c| &c[..]))
+                        .or_insert_with(|| {
                             sets.push(ColumnSet::new(group.header, group.statement, columns));
                             sets.len() - 1
-                        })
+                        });
+                    last = Some(i);
+                    i
                 })
                 .collect();
             (sets, of_draft)
@@ -223,10 +231,12 @@ unsafe fn record_unchecked(groups: &[Group<'_>]) -> Vec<i64> {
     let mut event_ids = Vec::with_capacity(count);
     for (group, (sets, of_draft)) in groups.iter().zip(&column_sets) {
         let (header, statement) = (group.header, group.statement);
+        // Values shared by every event of the group, as datums built once.
         let shared = [
             Some(Datum::from(statement.at)),
             Some(Datum::from(statement.txid)),
         ];
+        let title = header.title.map(|t| text_datum(t.as_bytes()));
         for ((draft, set), nonce) in group.drafts.iter().zip(of_draft).zip(&mut nonces) {
             let set = &sets[*set];
             let event_id = pg_sys::ffi::pg_guard_ffi_boundary(|| {
@@ -278,6 +288,7 @@ unsafe fn record_unchecked(groups: &[Group<'_>]) -> Vec<i64> {
                 at: statement.at,
                 txid: statement.txid,
                 label: &label,
+                title: header.title,
                 subject_key_id,
                 subject_digest,
                 context_id: sealed.as_ref().map(|s| s.0),
@@ -290,12 +301,13 @@ unsafe fn record_unchecked(groups: &[Group<'_>]) -> Vec<i64> {
                 values[1..3].copy_from_slice(&shared);
                 values[3] = subject_key_id.map(Datum::from);
                 values[5] = Some(Datum::from(set.label_id));
+                values[6] = title;
                 if let Some((context_id, ciphertext)) = &sealed {
                     values[4] = Some(Datum::from(*context_id));
-                    values[6] = Some(text_datum(nonce));
-                    values[7] = Some(text_datum(ciphertext));
+                    values[7] = Some(text_datum(nonce));
+                    values[8] = Some(text_datum(ciphertext));
                 }
-                values[8] = Some(text_datum(&hash));
+                values[9] = Some(text_datum(&hash));
                 values
             });
         }
