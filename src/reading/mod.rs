@@ -5,6 +5,7 @@
 use pgrx::datum::ToIsoString;
 use pgrx::prelude::*;
 use pgrx::PgSqlErrorCode::*;
+use pgrx::{PgBuiltInOids, PgOid};
 use std::collections::HashMap;
 
 use serde_json::{Map, Value as Json};
@@ -154,25 +155,35 @@ fn json_value(value: &Value<String>, json: bool) -> Option<Json> {
     }
 }
 
+const SUBJECT_EVENTS: &str = "SELECT e.event_id, e.at, l.operation, \
+     coalesce(e.title, pg_catalog.lower(l.operation) OPERATOR(pg_catalog.||) ' ' OPERATOR(pg_catalog.||) l.table_name), \
+     l.status, l.actor, l.table_name, l.changed_columns, e.subject_key_id, e.context_id, \
+     e.nonce, e.payload, k.salt, c.key_id, c.encapsulated_key, \
+     l.sqlstate, l.db_role, l.session_role, l.application_name, pg_catalog.host(l.client_addr), e.txid \
+     FROM subject_audit.subject_key k \
+     JOIN subject_audit.event e ON e.subject_key_id OPERATOR(pg_catalog.=) k.subject_key_id \
+     LEFT JOIN subject_audit.event_label l ON l.label_id OPERATOR(pg_catalog.=) e.label_id \
+     LEFT JOIN subject_audit.writer_context c ON c.context_id OPERATOR(pg_catalog.=) e.context_id \
+     WHERE k.subject_digest OPERATOR(pg_catalog.=) $1 \
+     AND ($2 IS NULL OR e.event_id OPERATOR(pg_catalog.=) $2) \
+     ORDER BY e.event_id";
+
 /// Every event of the subject `token`, oldest first (or just `only_event`).
 pub fn subject_events(token: &str, only_event: Option<i64>) -> Vec<DecryptedEvent> {
     keyring::ensure_unlocked();
     let digest = keyring::subject_digest(token.as_bytes());
-    let query = "SELECT e.event_id, e.at, l.operation, \
-                 coalesce(e.title, pg_catalog.lower(l.operation) OPERATOR(pg_catalog.||) ' ' OPERATOR(pg_catalog.||) l.table_name), \
-                 l.status, l.actor, l.table_name, l.changed_columns, e.subject_key_id, e.context_id, \
-                 e.nonce, e.payload, k.salt, c.key_id, c.encapsulated_key, \
-                 l.sqlstate, l.db_role, l.session_role, l.application_name, pg_catalog.host(l.client_addr), e.txid \
-                 FROM subject_audit.subject_key k \
-                 JOIN subject_audit.event e ON e.subject_key_id OPERATOR(pg_catalog.=) k.subject_key_id \
-                 LEFT JOIN subject_audit.event_label l ON l.label_id OPERATOR(pg_catalog.=) e.label_id \
-                 LEFT JOIN subject_audit.writer_context c ON c.context_id OPERATOR(pg_catalog.=) e.context_id \
-                 WHERE k.subject_digest OPERATOR(pg_catalog.=) $1 \
-                 AND ($2 IS NULL OR e.event_id OPERATOR(pg_catalog.=) $2) \
-                 ORDER BY e.event_id";
     store::as_owner(|| {
         Spi::connect(|client| {
-            let rows = client.select(query, None, &[digest.to_vec().into(), only_event.into()])?;
+            // Kept: planning this join cost as much as running it.
+            let plan = store::prepared(
+                client,
+                SUBJECT_EVENTS,
+                &[
+                    PgOid::BuiltIn(PgBuiltInOids::BYTEAOID),
+                    PgOid::BuiltIn(PgBuiltInOids::INT8OID),
+                ],
+            );
+            let rows = client.select(&*plan, None, &[digest.to_vec().into(), only_event.into()])?;
             let mut events = Vec::with_capacity(rows.len());
             let mut keys = DataKeys::new();
             for row in rows {
