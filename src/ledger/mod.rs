@@ -275,45 +275,61 @@ fn verify_with(client: &pgrx::spi::SpiClient<'_>, checkpoint: Option<&str>) -> V
     }
 }
 
+/// A label's columns as the queries below list them, in this order.
+const LABEL_COLUMNS: &str = "l.operation, l.status, l.sqlstate, l.table_name, l.actor, l.db_role, \
+     l.session_role, l.application_name, pg_catalog.host(l.client_addr), l.changed_columns";
+
+/// A label read back, owned; `fields` lends it out for hashing.
+struct StoredLabel {
+    text: [Option<String>; 9],
+    changed_columns: Option<Vec<String>>,
+}
+
+impl StoredLabel {
+    /// Reads `LABEL_COLUMNS` starting at column `first` of `row`.
+    fn read(row: &pgrx::spi::SpiHeapTupleData<'_>, first: usize) -> Self {
+        StoredLabel {
+            text: std::array::from_fn(|i| row.get::<String>(first + i).ok().flatten()),
+            changed_columns: row.get(first + 9).ok().flatten(),
+        }
+    }
+
+    fn with_fields<R>(&self, f: impl FnOnce(&LabelFields<'_>) -> R) -> R {
+        let t = |i: usize| self.text[i].as_deref();
+        let columns: Option<Vec<&str>> = self
+            .changed_columns
+            .as_ref()
+            .map(|c| c.iter().map(String::as_str).collect());
+        f(&LabelFields {
+            operation: t(0).unwrap_or_default(),
+            status: t(1).unwrap_or_default(),
+            sqlstate: t(2),
+            table_name: t(3),
+            actor: t(4).unwrap_or_default(),
+            db_role: t(5).unwrap_or_default(),
+            session_role: t(6).unwrap_or_default(),
+            application_name: t(7),
+            client_addr: t(8),
+            changed_columns: columns.as_deref(),
+        })
+    }
+}
+
 /// Labels are shared: one altered is reported by every event that names it,
 /// and here once by itself (it no longer matches the digest it is found by).
 fn check_labels(client: &pgrx::spi::SpiClient<'_>, problems: &mut Problems) {
     let labels = client
         .select(
-            "SELECT label_id, label_digest, operation, status, sqlstate, table_name, actor, db_role, \
-             session_role, application_name, pg_catalog.host(client_addr), changed_columns \
-             FROM subject_audit.event_label ORDER BY label_id",
+            &format!(
+                "SELECT l.label_id, l.label_digest, {LABEL_COLUMNS} \
+                 FROM subject_audit.event_label l ORDER BY l.label_id"
+            ),
             None,
             &[],
         )
         .unwrap_or_else(|e| spi_error(e));
     for row in labels {
-        let text = |i: usize| row.get::<String>(i).ok().flatten();
-        let (operation, status, actor, db_role, session_role) = (
-            text(3).unwrap_or_default(),
-            text(4).unwrap_or_default(),
-            text(7).unwrap_or_default(),
-            text(8).unwrap_or_default(),
-            text(9).unwrap_or_default(),
-        );
-        let (sqlstate, table_name, application_name, client_addr) =
-            (text(5), text(6), text(10), text(11));
-        let columns: Option<Vec<String>> = row.get(12).ok().flatten();
-        let columns_ref: Option<Vec<&str>> = columns
-            .as_ref()
-            .map(|c| c.iter().map(String::as_str).collect());
-        let digest = integrity::label_digest(&LabelFields {
-            operation: &operation,
-            status: &status,
-            sqlstate: sqlstate.as_deref(),
-            table_name: table_name.as_deref(),
-            actor: &actor,
-            db_role: &db_role,
-            session_role: &session_role,
-            application_name: application_name.as_deref(),
-            client_addr: client_addr.as_deref(),
-            changed_columns: columns_ref.as_deref(),
-        });
+        let digest = StoredLabel::read(&row, 3).with_fields(integrity::label_digest);
         if row.get::<Vec<u8>>(2).ok().flatten().as_deref() != Some(&digest[..]) {
             let label_id: i32 = row.get(1).ok().flatten().unwrap_or_default();
             problems.push(format!(
@@ -331,13 +347,14 @@ fn block_events(
 ) -> Vec<[u8; 32]> {
     let mut leaves = Vec::with_capacity(block.event_count.max(0) as usize);
     let mut cursor = client.open_cursor(
-        "SELECT e.event_id, e.at, e.txid, l.operation, l.status, l.sqlstate, e.title, l.table_name, l.actor, \
-         l.db_role, l.session_role, l.application_name, pg_catalog.host(l.client_addr), l.changed_columns, \
-         e.subject_key_id, e.context_id, e.nonce, e.payload, e.row_hash, k.subject_digest, l.label_id \
-         FROM subject_audit.event e \
-         LEFT JOIN subject_audit.event_label l ON l.label_id OPERATOR(pg_catalog.=) e.label_id \
-         LEFT JOIN subject_audit.subject_key k ON k.subject_key_id OPERATOR(pg_catalog.=) e.subject_key_id \
-         WHERE e.txid OPERATOR(pg_catalog.>=) $1 AND e.txid OPERATOR(pg_catalog.<) $2 ORDER BY e.event_id",
+        &format!(
+            "SELECT e.event_id, e.at, e.txid, {LABEL_COLUMNS}, e.title, e.subject_key_id, e.context_id, \
+             e.nonce, e.payload, e.row_hash, k.subject_digest, l.label_id \
+             FROM subject_audit.event e \
+             LEFT JOIN subject_audit.event_label l ON l.label_id OPERATOR(pg_catalog.=) e.label_id \
+             LEFT JOIN subject_audit.subject_key k ON k.subject_key_id OPERATOR(pg_catalog.=) e.subject_key_id \
+             WHERE e.txid OPERATOR(pg_catalog.>=) $1 AND e.txid OPERATOR(pg_catalog.<) $2 ORDER BY e.event_id"
+        ),
         &[block.from_txid.into(), block.to_txid.into()],
     );
     loop {
@@ -346,48 +363,24 @@ fn block_events(
             break;
         }
         for row in chunk {
-            let text = |i: usize| row.get::<String>(i).ok().flatten();
             let bytes = |i: usize| row.get::<Vec<u8>>(i).ok().flatten();
             let event_id: i64 = row.get(1).ok().flatten().unwrap_or_default();
-            let subject_digest = bytes(20);
             let at: Option<TimestampWithTimeZone> = row.get(2).ok().flatten();
-            let columns: Option<Vec<String>> = row.get(14).ok().flatten();
-            let columns_ref: Option<Vec<&str>> = columns
-                .as_ref()
-                .map(|c| c.iter().map(String::as_str).collect());
-            let (operation, status, actor, db_role, session_role) = (
-                text(4).unwrap_or_default(),
-                text(5).unwrap_or_default(),
-                text(9).unwrap_or_default(),
-                text(10).unwrap_or_default(),
-                text(11).unwrap_or_default(),
-            );
-            let (sqlstate, title, table_name, application_name, client_addr) =
-                (text(6), text(7), text(8), text(12), text(13));
-            let (nonce, payload) = (bytes(17), bytes(18));
-            let label = LabelFields {
-                operation: &operation,
-                status: &status,
-                sqlstate: sqlstate.as_deref(),
-                table_name: table_name.as_deref(),
-                actor: &actor,
-                db_role: &db_role,
-                session_role: &session_role,
-                application_name: application_name.as_deref(),
-                client_addr: client_addr.as_deref(),
-                changed_columns: columns_ref.as_deref(),
-            };
-            let hash = integrity::row_hash(&EventFields {
-                event_id,
-                at: at.map_or(0, |t| t.into_inner()),
-                txid: row.get::<i64>(3).ok().flatten().unwrap_or_default() as u64,
-                label: &label,
-                title: title.as_deref(),
-                subject_key_id: row.get(15).ok().flatten(),
-                subject_digest: subject_digest.as_deref(),
-                context_id: row.get(16).ok().flatten(),
-                nonce: nonce.as_deref(),
-                payload: payload.as_deref(),
+            let title: Option<String> = row.get(14).ok().flatten();
+            let (nonce, payload, subject_digest) = (bytes(17), bytes(18), bytes(20));
+            let hash = StoredLabel::read(&row, 4).with_fields(|label| {
+                integrity::row_hash(&EventFields {
+                    event_id,
+                    at: at.map_or(0, |t| t.into_inner()),
+                    txid: row.get::<i64>(3).ok().flatten().unwrap_or_default() as u64,
+                    label,
+                    title: title.as_deref(),
+                    subject_key_id: row.get(15).ok().flatten(),
+                    subject_digest: subject_digest.as_deref(),
+                    context_id: row.get(16).ok().flatten(),
+                    nonce: nonce.as_deref(),
+                    payload: payload.as_deref(),
+                })
             });
             if row.get::<i32>(21).ok().flatten().is_none() {
                 problems.push(format!("event {event_id}: its label is missing"));
