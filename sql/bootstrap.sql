@@ -42,7 +42,6 @@ CREATE TABLE subject_audit.subject_key (
     subject_key_id bigint PRIMARY KEY DEFAULT nextval('subject_audit.subject_key_subject_key_id_seq'),
     subject_digest bytea NOT NULL,
     salt bytea CHECK (length(salt) = 32),
-    created_at timestamptz NOT NULL DEFAULT now(),
     erased_at timestamptz,
     CHECK ((salt IS NULL) = (erased_at IS NOT NULL))
 );
@@ -91,7 +90,9 @@ CREATE TABLE subject_audit.event (
     subject_key_id bigint,
     context_id bigint,
     label_id integer NOT NULL,      -- subject_audit.event_label
-    title text,                     -- NULL: the default, operation and table
+    -- Empty: the default, operation and table. Not NULL, so that a captured
+    -- change, which has no NULL column, needs no null bitmap (7 bytes).
+    title text NOT NULL,
     nonce bytea,
     payload bytea,
     row_hash bytea NOT NULL
@@ -101,9 +102,10 @@ ALTER SEQUENCE subject_audit.event_label_label_id_seq OWNED BY subject_audit.eve
 ALTER SEQUENCE subject_audit.writer_key_key_id_seq OWNED BY subject_audit.writer_key.key_id;
 ALTER SEQUENCE subject_audit.writer_context_context_id_seq OWNED BY subject_audit.writer_context.context_id;
 ALTER SEQUENCE subject_audit.subject_key_subject_key_id_seq OWNED BY subject_audit.subject_key.subject_key_id;
--- Deduplication off: a bulk UPDATE adds one entry to thousands of posting
--- lists, and rewriting them cost a fifth of the capture time (bench/).
-CREATE INDEX event_subject ON subject_audit.event (subject_key_id) WITH (deduplicate_items = off);
+-- Deduplicated (the default): a subject's events share one posting list,
+-- a third less index than without, and no slower to write as measured by
+-- bench/ (databases growing from empty, both ways, alternately).
+CREATE INDEX event_subject ON subject_audit.event (subject_key_id);
 
 -- Sealing reads events by transaction id range; events arrive in roughly that
 -- order, so a BRIN index is enough and costs writers almost nothing.
@@ -160,7 +162,7 @@ SELECT e.event_id,
        e.at,
        l.table_name,
        l.operation,
-       coalesce(e.title, lower(l.operation) || ' ' || l.table_name) AS title,
+       coalesce(nullif(e.title, ''), lower(l.operation) || ' ' || l.table_name) AS title,
        l.status,
        l.sqlstate,
        l.actor,

@@ -2,7 +2,8 @@
 -- as a superuser who switched triggers off (session_replication_role), in
 -- a transaction that verify() inspects and that is then rolled back.
 CREATE EXTENSION pg_subject_audit;
-SELECT subject_audit.install_public_key(public_key) FROM subject_audit.generate_keypair();
+SELECT public_key AS pk, private_key AS sk FROM subject_audit.generate_keypair() \gset
+SELECT subject_audit.install_public_key(:'pk');
 CREATE TABLE orders (id int PRIMARY KEY, customer text, item text);
 SELECT subject_audit.track('orders', 'customer');
 INSERT INTO orders SELECT g, 'c' || (g % 3), 'item ' || g FROM generate_series(1, 6) g;
@@ -47,10 +48,13 @@ UPDATE subject_audit.event SET label_id = (SELECT label_id FROM subject_audit.ev
 WHERE event_id = 3;
 SELECT ok, problems FROM subject_audit.verify();
 ROLLBACK;
--- ... or its label gone.
+-- ... or its label gone: the views still list its events, reading them stops.
 BEGIN;
 DELETE FROM subject_audit.event_label WHERE label_id = (SELECT label_id FROM subject_audit.event WHERE event_id = 9);
 SELECT ok, problems FROM subject_audit.verify();
+SELECT event_id, operation, subject_ref IS NOT NULL AS has_subject FROM subject_audit.events WHERE event_id >= 9;
+SELECT subject_audit.unlock(:'sk') AS unlocked;
+SELECT event_id, operation FROM subject_audit.audit_for_subject('c1');
 ROLLBACK;
 -- ... even when the attacker recomputes nothing else: the ciphertext swapped too.
 BEGIN;

@@ -32,7 +32,9 @@ struct SessionKeys {
     /// database access is possible).
     pending: Vec<SecretKey>,
     pending_malformed: bool,
-    receivers: HashMap<i64, Rc<ReceiverContext>>,
+    /// By writer context id, with the encapsulated key it was set up from:
+    /// ids are reused after DROP/CREATE EXTENSION, keys are not.
+    receivers: HashMap<i64, (Vec<u8>, Rc<ReceiverContext>)>,
 }
 
 thread_local! {
@@ -195,7 +197,13 @@ pub fn reader_data_key(
     encapsulated_key: &[u8],
     salt: Option<&[u8]>,
 ) -> Result<DataKey, KeyNotUnlocked> {
-    let cached = SESSION.with(|s| s.borrow().receivers.get(&context_id).cloned());
+    let cached = SESSION.with(|s| {
+        s.borrow()
+            .receivers
+            .get(&context_id)
+            .filter(|(from, _)| from[..] == *encapsulated_key)
+            .map(|(_, r)| r.clone())
+    });
     let receiver = match cached {
         Some(r) => r,
         None => {
@@ -215,7 +223,8 @@ pub fn reader_data_key(
                 if s.receivers.len() >= MAX_RECEIVERS {
                     s.receivers.clear();
                 }
-                s.receivers.insert(context_id, receiver.clone());
+                s.receivers
+                    .insert(context_id, (encapsulated_key.to_vec(), receiver.clone()));
             });
             receiver
         }

@@ -155,18 +155,29 @@ fn json_value(value: &Value<String>, json: bool) -> Option<Json> {
     }
 }
 
-const SUBJECT_EVENTS: &str = "SELECT e.event_id, e.at, l.operation, \
-     coalesce(e.title, pg_catalog.lower(l.operation) OPERATOR(pg_catalog.||) ' ' OPERATOR(pg_catalog.||) l.table_name), \
+/// A subject's events (`$1`: its digest), with a condition of their own.
+macro_rules! subject_events_where {
+    ($condition:literal) => {
+        concat!(
+            "SELECT e.event_id, e.at, l.operation, \
+     coalesce(NULLIF(e.title, ''), pg_catalog.lower(l.operation) OPERATOR(pg_catalog.||) ' ' OPERATOR(pg_catalog.||) l.table_name), \
      l.status, l.actor, l.table_name, l.changed_columns, e.subject_key_id, e.context_id, \
      e.nonce, e.payload, k.salt, c.key_id, c.encapsulated_key, \
-     l.sqlstate, l.db_role, l.session_role, l.application_name, pg_catalog.host(l.client_addr), e.txid \
+     l.sqlstate, l.db_role, l.session_role, l.application_name, pg_catalog.host(l.client_addr), e.txid, \
+     l.label_id \
      FROM subject_audit.subject_key k \
      JOIN subject_audit.event e ON e.subject_key_id OPERATOR(pg_catalog.=) k.subject_key_id \
      LEFT JOIN subject_audit.event_label l ON l.label_id OPERATOR(pg_catalog.=) e.label_id \
      LEFT JOIN subject_audit.writer_context c ON c.context_id OPERATOR(pg_catalog.=) e.context_id \
-     WHERE k.subject_digest OPERATOR(pg_catalog.=) $1 \
-     AND ($2 IS NULL OR e.event_id OPERATOR(pg_catalog.=) $2) \
-     ORDER BY e.event_id";
+     WHERE k.subject_digest OPERATOR(pg_catalog.=) $1",
+            $condition,
+            " ORDER BY e.event_id"
+        )
+    };
+}
+/// Kept plans are generic: one query for all events, one for one event (`$2`).
+const SUBJECT_EVENTS: &str = subject_events_where!("");
+const SUBJECT_EVENT: &str = subject_events_where!(" AND e.event_id OPERATOR(pg_catalog.=) $2");
 
 /// Every event of the subject `token`, oldest first (or just `only_event`).
 pub fn subject_events(token: &str, only_event: Option<i64>) -> Vec<DecryptedEvent> {
@@ -175,15 +186,18 @@ pub fn subject_events(token: &str, only_event: Option<i64>) -> Vec<DecryptedEven
     store::as_owner(|| {
         Spi::connect(|client| {
             // Kept: planning this join cost as much as running it.
-            let plan = store::prepared(
-                client,
-                SUBJECT_EVENTS,
-                &[
-                    PgOid::BuiltIn(PgBuiltInOids::BYTEAOID),
-                    PgOid::BuiltIn(PgBuiltInOids::INT8OID),
-                ],
-            );
-            let rows = client.select(&*plan, None, &[digest.to_vec().into(), only_event.into()])?;
+            let bytea = PgOid::BuiltIn(PgBuiltInOids::BYTEAOID);
+            let rows = match only_event {
+                None => {
+                    let plan = store::prepared(client, SUBJECT_EVENTS, &[bytea]);
+                    client.select(&*plan, None, &[digest.to_vec().into()])?
+                }
+                Some(event_id) => {
+                    let int8 = PgOid::BuiltIn(PgBuiltInOids::INT8OID);
+                    let plan = store::prepared(client, SUBJECT_EVENT, &[bytea, int8]);
+                    client.select(&*plan, None, &[digest.to_vec().into(), event_id.into()])?
+                }
+            };
             let mut events = Vec::with_capacity(rows.len());
             let mut keys = DataKeys::new();
             for row in rows {
@@ -205,6 +219,12 @@ pub fn subject_events(token: &str, only_event: Option<i64>) -> Vec<DecryptedEven
                     payload: None,
                     erased: false,
                 };
+                if row.get::<i32>(22)?.is_none() {
+                    raise(
+                        ERRCODE_DATA_CORRUPTED,
+                        format!("event {}: its label is missing from subject_audit.event_label (see subject_audit.verify())", event.event_id),
+                    );
+                }
                 let ciphertext = row.get::<Vec<u8>>(12)?;
                 // An erased subject key has no salt: its payloads are gone for good.
                 let salt = row.get::<Vec<u8>>(13)?;

@@ -5,8 +5,9 @@
 //! A backend remembers the labels it has used. Labels are never changed or
 //! deleted, so a committed one stays valid; one this transaction added is
 //! forgotten if the transaction (or the savepoint that added it) rolls back.
-//! A label is only taken if all its fields match (not just its digest): a
-//! label altered behind our back is not used again. Two backends adding the
+//! A label is only looked up with all its fields (not just its digest): a
+//! label altered by hand is not picked up again (though a backend that
+//! already holds its id keeps using it; verify() reports both). Two backends adding the
 //! same label at once store it twice, which is harmless: events are hashed
 //! over the label's fields, not its id.
 
@@ -136,12 +137,16 @@ pub fn init() {
 }
 
 /// `event_label` truncated or rewritten (by hand: we never do): its OID
-/// alone would not tell, so forget the ids.
+/// alone would not tell, so forget the ids. Compared with the table the ids
+/// came from (`store` may have forgotten its OIDs by now).
 #[pgrx::pg_guard]
 unsafe extern "C-unwind" fn on_relcache_invalidation(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
-    if relid == pg_sys::InvalidOid || store::is_cached(relid, |r| r.event_label) {
-        LABELS.with(|l| l.borrow_mut().committed.clear());
-    }
+    LABELS.with(|l| {
+        let mut l = l.borrow_mut();
+        if relid == pg_sys::InvalidOid || relid == l.table {
+            l.committed.clear();
+        }
+    });
 }
 
 #[pgrx::pg_guard]

@@ -236,7 +236,9 @@ unsafe fn record_unchecked(groups: &[Group<'_>]) -> Vec<i64> {
             Some(Datum::from(statement.at)),
             Some(Datum::from(statement.txid)),
         ];
-        let title = header.title.map(|t| text_datum(t.as_bytes()));
+        // An empty title stands for none (the default) in the table: so in the hash.
+        let title = header.title.filter(|t| !t.is_empty());
+        let title_datum = text_datum(title.unwrap_or_default().as_bytes());
         for ((draft, set), nonce) in group.drafts.iter().zip(of_draft).zip(&mut nonces) {
             let set = &sets[*set];
             let event_id = pg_sys::ffi::pg_guard_ffi_boundary(|| {
@@ -288,7 +290,7 @@ unsafe fn record_unchecked(groups: &[Group<'_>]) -> Vec<i64> {
                 at: statement.at,
                 txid: statement.txid,
                 label: &label,
-                title: header.title,
+                title,
                 subject_key_id,
                 subject_digest,
                 context_id: sealed.as_ref().map(|s| s.0),
@@ -301,7 +303,7 @@ unsafe fn record_unchecked(groups: &[Group<'_>]) -> Vec<i64> {
                 values[1..3].copy_from_slice(&shared);
                 values[3] = subject_key_id.map(Datum::from);
                 values[5] = Some(Datum::from(set.label_id));
-                values[6] = title;
+                values[6] = Some(title_datum);
                 if let Some((context_id, ciphertext)) = &sealed {
                     values[4] = Some(Datum::from(*context_id));
                     values[7] = Some(text_datum(nonce));
