@@ -215,6 +215,48 @@ mod tests {
     }
 
     #[pg_test]
+    fn a_backend_finds_a_label_again_by_all_its_fields() {
+        use crate::integrity::LabelFields;
+        use crate::recorder::{forget_remembered, label_id};
+        // Client addresses as capture stores them (host() of the client's inet).
+        let addresses = [Some("127.0.0.1"), Some("::1"), Some("2001:db8::a"), None];
+        let columns: [Option<&[&str]>; 3] = [Some(&["x", "y"]), Some(&[]), None];
+        let mut ids = std::collections::HashSet::new();
+        for client_addr in addresses {
+            for changed_columns in columns {
+                let label = LabelFields {
+                    operation: "UPDATE",
+                    status: "ok",
+                    sqlstate: None,
+                    table_name: Some("public.labelled"),
+                    actor: "a",
+                    db_role: "a",
+                    session_role: "a",
+                    application_name: None,
+                    client_addr,
+                    changed_columns,
+                };
+                let first = label_id(&label);
+                // A backend that does not remember it looks it up, and must find it.
+                forget_remembered();
+                assert_eq!(
+                    label_id(&label),
+                    first,
+                    "{client_addr:?} {changed_columns:?}"
+                );
+                ids.insert(first);
+            }
+        }
+        assert_eq!(ids.len(), 12);
+        assert_eq!(
+            one::<i64>(
+                "SELECT count(*) FROM subject_audit.event_label WHERE table_name = 'public.labelled'"
+            ),
+            12
+        );
+    }
+
+    #[pg_test]
     fn an_index_probe_finds_the_live_key_behind_an_erased_one() {
         let digest = [7u8; 32];
         // The erased key sorts first in the index (erased_at NULLS LAST).

@@ -78,6 +78,12 @@ pub fn label_id(label: &LabelFields<'_>) -> i32 {
     id
 }
 
+/// Forgets every remembered id, as a new backend would start.
+#[cfg(any(test, feature = "pg_test"))]
+pub fn forget_remembered() {
+    LABELS.with(|l| *l.borrow_mut() = Labels::default());
+}
+
 /// A label with exactly these fields (NULLs alike).
 const FIND: &str = "SELECT label_id FROM subject_audit.event_label \
      WHERE label_digest OPERATOR(pg_catalog.=) $1 AND operation OPERATOR(pg_catalog.=) $2 \

@@ -9,6 +9,8 @@ mod labels;
 
 pub use context::StatementContext;
 pub use labels::init;
+#[cfg(any(test, feature = "pg_test"))]
+pub use labels::{forget_remembered, label_id};
 
 use std::collections::HashMap;
 use std::rc::Rc;
