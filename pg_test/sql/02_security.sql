@@ -114,6 +114,13 @@ UPDATE subject_audit.subject_key SET subject_digest = :'zoe_digest' WHERE subjec
 UPDATE subject_audit.subject_key SET subject_digest = :'yan_digest' WHERE subject_key_id = :zoe_key;
 SELECT count(*) FROM subject_audit.audit_for_subject('zoe@example.org');
 ROLLBACK;
+-- (f) the event relabelled around its ciphertext: another of her events' label
+-- (operation and changed columns are bound to the ciphertext)
+BEGIN;
+UPDATE subject_audit.event SET label_id = (SELECT label_id FROM subject_audit.event WHERE event_id = :zoe_1)
+WHERE event_id = :zoe_2;
+SELECT count(*) FROM subject_audit.audit_for_subject('zoe@example.org');
+ROLLBACK;
 RESET session_replication_role;
 
 -- 4. Each subject has its own key (salt); nothing of Yan's decrypts as Zoë's.
