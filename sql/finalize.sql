@@ -8,16 +8,16 @@ REVOKE ALL ON ALL SEQUENCES IN SCHEMA subject_audit FROM PUBLIC;
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA subject_audit FROM PUBLIC;
 
 -- Every function runs with search_path pinned, so no object a caller puts
--- first on its path can stand in for a built-in. The trigger functions are
--- the exception, on the hot path: they resolve no names themselves (all
--- their SQL runs as the owner with the path pinned), so a SET clause would
--- only cost time (note_change runs for every row).
+-- first on its path can stand in for a built-in. The trigger function is
+-- the exception, on the hot path: it resolves no names itself (all its SQL
+-- runs as the owner with the path pinned), so a SET clause would only cost
+-- time.
 DO $$
 DECLARE
     f regprocedure;
 BEGIN
     FOR f IN SELECT p.oid::regprocedure FROM pg_catalog.pg_proc p
-             WHERE p.pronamespace = 'subject_audit'::regnamespace AND p.proname NOT IN ('capture_change', 'note_change')
+             WHERE p.pronamespace = 'subject_audit'::regnamespace AND p.proname OPERATOR(pg_catalog.<>) 'capture_change'
     LOOP
         EXECUTE format('ALTER FUNCTION %s SET search_path = pg_catalog, pg_temp', f);
     END LOOP;

@@ -241,6 +241,42 @@ SELECT e->>'operation' AS operation, e->>'status' AS status, e->>'sqlstate' AS s
 FROM jsonb_path_query(subject_audit.export_subject('c-4'), '$.events[*] ? (@.status == "error")') e;
 SELECT next_mark();
 
+-- 6b. Whose rows an UPDATE, DELETE or MERGE touched is read from the rows
+-- its plan hands to the change (no row trigger, so no row lock first): every
+-- row handed over until the failure, across partitions (with another column
+-- order), both subjects of an UPDATE setting the subject column, a MERGE's
+-- matched row, a DELETE refused by a foreign key at the statement's end, an
+-- UPDATE inside a WITH query.
+CREATE TABLE accounts (id int, owner text NOT NULL, balance int CHECK (balance >= 0), PRIMARY KEY (id))
+    PARTITION BY RANGE (id);
+CREATE TABLE accounts_low PARTITION OF accounts FOR VALUES FROM (0) TO (100);
+CREATE TABLE accounts_high (balance int CONSTRAINT accounts_balance_check CHECK (balance >= 0), owner text NOT NULL,
+                            id int NOT NULL);
+ALTER TABLE accounts ATTACH PARTITION accounts_high FOR VALUES FROM (100) TO (200);
+CREATE TABLE transfers (account_id int REFERENCES accounts);
+SELECT subject_audit.track('accounts', 'owner');
+INSERT INTO accounts VALUES (1, 'a-1', 10), (2, 'a-2', 10), (101, 'a-101', 10);
+INSERT INTO transfers VALUES (101);
+GRANT SELECT, INSERT, UPDATE, DELETE ON accounts TO r18_app;
+SELECT tgname FROM pg_trigger WHERE tgrelid = 'accounts_high'::regclass AND NOT tgisinternal ORDER BY 1;
+\c - r18_app
+UPDATE accounts SET balance = balance - id / 10 - 1 WHERE id IN (2, 101);
+UPDATE accounts SET owner = 'a-9', balance = -1 WHERE id = 1;
+UPDATE accounts SET id = 150, balance = -5 WHERE id = 2;
+MERGE INTO accounts a USING (VALUES (1, -50), (7, 5)) s(id, amount) ON a.id = s.id
+    WHEN MATCHED THEN UPDATE SET balance = a.balance + s.amount
+    WHEN NOT MATCHED THEN INSERT VALUES (s.id, 'a-7', s.amount);
+DELETE FROM accounts WHERE id = 101;
+WITH w AS (UPDATE accounts SET balance = -1 WHERE id = 2 RETURNING id)
+INSERT INTO accounts SELECT 3, 'a-3', 5 FROM w;
+\c - postgres
+SELECT subject_audit.wait_for_writer();
+SELECT * FROM new_events;
+SELECT subject_audit.unlock(:'sk');
+SELECT t AS subject, operation, sqlstate, title FROM unnest(array['a-1', 'a-2', 'a-3', 'a-7', 'a-9', 'a-101']) t,
+    LATERAL trail(t) WHERE status = 'error';
+SELECT next_mark();
+
 -- 7. log_failures = off: nothing recorded; superuser-only.
 \c - r18_app
 SET subject_audit.log_failures = off;

@@ -117,9 +117,10 @@ pub unsafe fn tracked_table(relid: pg_sys::Oid) -> Option<std::rc::Rc<TableMeta>
     meta
 }
 
-/// The capture metadata of a relation a capture trigger fires on.
-pub fn meta_of(relation: pg_sys::Relation) -> std::rc::Rc<TableMeta> {
-    table_meta::get(relation)
+/// The capture metadata of `relation` if it is tracked, itself or as a
+/// partition of a tracked table.
+pub fn tracked_relation(relation: pg_sys::Relation) -> Option<std::rc::Rc<TableMeta>> {
+    table_meta::lookup(relation)
 }
 
 /// The body of `subject_audit.capture_change()`.

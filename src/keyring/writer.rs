@@ -426,6 +426,9 @@ const CREATE_SUBJECT_KEY: &str =
 /// index probes; beyond it, one statement for the whole batch, planned for
 /// it (for thousands of subjects the planner picks a hashed scan).
 const PER_SUBJECT_BATCH: usize = 16;
+/// Rows of `subject_key` per 8 kB page (about 110 bytes each), for a table
+/// never analyzed.
+const SUBJECT_KEYS_PER_PAGE: f64 = 70.0;
 
 fn subject_key_error(e: pgrx::spi::SpiError) -> ! {
     raise(
@@ -472,10 +475,11 @@ fn run_subject_key_query(
 /// Probing the index costs a few microseconds a subject; the batch query's
 /// plan for thousands of subjects scans the whole key table. Probe unless
 /// the subjects are a sizeable share of the table (a bulk change of cold
-/// subjects), as the planner's row estimate tells.
+/// subjects), as the size of the table tells.
 fn probing_is_cheaper(subjects: usize) -> bool {
     subjects <= PER_SUBJECT_BATCH
-        || subjects as f64 * 32.0 <= store::estimated_rows(store::relations().subject_key)
+        || subjects as f64 * 32.0
+            <= store::estimated_rows(store::relations().subject_key, SUBJECT_KEYS_PER_PAGE)
 }
 
 fn load_subject_keys(digests: &[[u8; DIGEST_LEN]]) -> HashMap<[u8; DIGEST_LEN], SubjectKey> {

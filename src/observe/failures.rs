@@ -1,7 +1,7 @@
-//! Failed changes. While a statement changes a tracked table, the row
-//! trigger `subject_audit_note` (BEFORE, FOR EACH ROW) notes each touched
-//! row's subject in the statement's frame: before constraints, unique
-//! indexes and AFTER triggers run, so the row that fails is noted too. If the
+//! Failed changes. While a statement changes a tracked table, each row its
+//! plan hands to the change is noted by its subject in the statement's
+//! frame (`touched`): before constraints, unique indexes and AFTER triggers
+//! run, so the row that fails is noted too. If the
 //! statement fails, the error's SQLSTATE, message and detail (caught by
 //! `emit_log_hook` as the error is reported) go with them to the writer,
 //! which encrypts the message like any payload: it can hold personal values.
@@ -13,7 +13,7 @@ use std::ffi::CStr;
 
 use pgrx::pg_sys;
 
-use super::{Frame, Kind, FRAMES};
+use super::{Kind, FRAMES};
 use crate::capture;
 use crate::deferred::Entry;
 use crate::recorder::StatementContext;
@@ -176,67 +176,15 @@ unsafe fn add_table(tables: &mut Vec<String>, relid: Option<pg_sys::Oid>) {
     }
 }
 
-/// The body of `subject_audit.note_change()`: notes the subject of the row
-/// the innermost watched statement is about to change (both, when an
-/// UPDATE moves the row to another subject).
-///
-/// # Safety
-/// `trigger` must be the `TriggerData` PostgreSQL passed to the trigger function.
-pub unsafe fn note_row(trigger: &pg_sys::TriggerData) {
-    let watched = FRAMES.with(|f| {
-        f.borrow()
-            .iter()
-            .any(|frame| matches!(frame.kind, Kind::Change(_)))
-    });
-    if !watched {
-        return;
-    }
-    let relation = trigger.tg_relation;
-    let meta = capture::meta_of(relation);
-    let tupdesc = (*relation).rd_att;
-    let attnum = meta.subject.index as i32 + 1;
-    let mut noted: Vec<Vec<u8>> = Vec::with_capacity(2);
-    for tuple in [trigger.tg_trigtuple, trigger.tg_newtuple] {
-        if tuple.is_null() {
-            continue;
-        }
-        let mut isnull = false;
-        let datum = pg_sys::heap_getattr(tuple, attnum, tupdesc, &mut isnull);
-        if isnull {
-            continue;
-        }
-        let text =
-            pg_sys::OutputFunctionCall(meta.subject.output.as_ref() as *const _ as *mut _, datum);
-        let value = CStr::from_ptr(text).to_bytes().to_vec();
-        pg_sys::pfree(text.cast());
-        if !noted.contains(&value) {
-            noted.push(value);
-        }
-    }
-    // The innermost statement changing this table: not a cursor a trigger
-    // left open, nor the statement whose foreign key cascaded here.
-    note(
-        |frame| matches!(&frame.kind, Kind::Change(change) if change.tables.contains(&meta.name)),
-        noted,
-    );
-}
-
-/// Notes subject values in the Change frame `frame` (an INSERT's rows).
+/// Notes subject values in the Change frame `frame`.
 pub fn note_in(frame: u64, values: Vec<Vec<u8>>) {
-    note(
-        |f| f.id == frame && matches!(f.kind, Kind::Change(_)),
-        values,
-    );
-}
-
-/// Notes subject values in the innermost Change frame that `pick` accepts.
-fn note(pick: impl Fn(&Frame) -> bool, values: Vec<Vec<u8>>) {
     FRAMES.with(|f| {
         let mut frames = f.borrow_mut();
-        let Some(frame) = frames.iter_mut().rev().find(|frame| pick(frame)) else {
-            return;
-        };
-        let Kind::Change(change) = &mut frame.kind else {
+        let change = frames.iter_mut().rev().find_map(|f| match &mut f.kind {
+            Kind::Change(change) if f.id == frame => Some(change),
+            _ => None,
+        });
+        let Some(change) = change else {
             return;
         };
         for value in values {

@@ -18,9 +18,9 @@
 //! Needs `shared_preload_libraries` (hooks, shared memory, the writer).
 
 mod failures;
-mod inserts;
 mod pending;
 mod reads;
+mod touched;
 
 use std::cell::{Cell, RefCell};
 use std::ffi::CStr;
@@ -34,8 +34,6 @@ use crate::deferred::{self, Entry};
 use crate::recorder::StatementContext;
 use crate::store;
 pub use pending::flush as flush_pending;
-
-pub use failures::note_row;
 
 #[derive(PostgresGucEnum, Clone, Copy, PartialEq, Eq, Debug)]
 pub enum LogReads {
@@ -178,7 +176,7 @@ fn take_frames(which: impl Fn(&Frame) -> bool) -> Vec<Frame> {
             frames.drain(..).partition(|frame| which(frame));
         *frames = kept;
         let ids: Vec<u64> = taken.iter().map(|frame| frame.id).collect();
-        inserts::forget(&ids);
+        touched::forget(&ids);
         taken
     })
 }
@@ -248,7 +246,7 @@ unsafe extern "C-unwind" fn executor_start(query: *mut pg_sys::QueryDesc, eflags
     end_error_watch(&mut errors, change);
     count_live(query);
     if let Some(frame) = change {
-        inserts::watch(query, frame);
+        touched::watch(query, frame);
     }
 }
 

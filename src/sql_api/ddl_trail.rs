@@ -240,7 +240,7 @@ unsafe fn may_switch_capture_off(node: *mut pg_sys::Node) -> bool {
 
 /// Capture triggers belong to `track()`: replacing one, or renaming one or
 /// to one of their names, is refused (a renamed trigger would escape every
-/// check by name); so is a trigger calling capture_change() or note_change() under another
+/// check by name); so is a trigger calling capture_change() under another
 /// name (it would record events twice) or one of ours calling anything else.
 /// A plain CREATE TRIGGER of ours calling its own function is what pg_restore
 /// sends: allowed.

@@ -51,7 +51,6 @@ const ADMIN: &[&str] = &[
     "EXECUTE ON FUNCTION subject_audit.track(regclass, text, text[])",
     "EXECUTE ON FUNCTION subject_audit.untrack(regclass)",
     "EXECUTE ON FUNCTION subject_audit.capture_change()",
-    "EXECUTE ON FUNCTION subject_audit.note_change()",
     "EXECUTE ON FUNCTION subject_audit.forget_subject(text)",
     "EXECUTE ON FUNCTION subject_audit.seal()",
     "EXECUTE ON FUNCTION subject_audit.verify(text)",

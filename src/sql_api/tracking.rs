@@ -6,7 +6,7 @@ use pgrx::{spi, PgRelation};
 
 use super::{admin, ddl_trail};
 use crate::store::{self, error::raise, error::raise_with_hint};
-use crate::{capture, deferred, observe};
+use crate::{capture, deferred};
 
 /// A trigger `track()` installs.
 struct TriggerSpec {
@@ -17,22 +17,18 @@ struct TriggerSpec {
     function: &'static str,
     /// `pg_trigger.tgtype` of the trigger as created.
     tgtype: i16,
-    /// Not on a partitioned table: a row trigger there would be cloned onto
-    /// its partitions, which get their own.
-    leaves_only: bool,
 }
 
 /// The capture triggers: statement-level with transition tables; TRUNCATE
-/// has none, so it is read before it happens. And the row trigger that
-/// notes whose rows an UPDATE or DELETE touches, for when it fails.
-const TRIGGERS: [TriggerSpec; 5] = [
+/// has none, so it is read before it happens. (Whose rows a failing
+/// statement touched is noted from its plan: `observe`.)
+const TRIGGERS: [TriggerSpec; 4] = [
     TriggerSpec {
         name: "subject_audit_capture_insert",
         when: "AFTER INSERT ON {table} REFERENCING NEW TABLE AS subject_audit_new",
         for_each: "STATEMENT",
         function: "capture_change",
         tgtype: 4,
-        leaves_only: false,
     },
     TriggerSpec {
         name: "subject_audit_capture_update",
@@ -40,7 +36,6 @@ const TRIGGERS: [TriggerSpec; 5] = [
         for_each: "STATEMENT",
         function: "capture_change",
         tgtype: 16,
-        leaves_only: false,
     },
     TriggerSpec {
         name: "subject_audit_capture_delete",
@@ -48,7 +43,6 @@ const TRIGGERS: [TriggerSpec; 5] = [
         for_each: "STATEMENT",
         function: "capture_change",
         tgtype: 8,
-        leaves_only: false,
     },
     TriggerSpec {
         name: "subject_audit_capture_truncate",
@@ -56,17 +50,6 @@ const TRIGGERS: [TriggerSpec; 5] = [
         for_each: "STATEMENT",
         function: "capture_change",
         tgtype: 34,
-        leaves_only: false,
-    },
-    TriggerSpec {
-        name: "subject_audit_note",
-        // Not INSERT: a BEFORE INSERT row trigger switches off COPY's
-        // batching; an INSERT's rows are noted from its plan instead.
-        when: "BEFORE UPDATE OR DELETE ON {table}",
-        for_each: "ROW",
-        function: "note_change",
-        tgtype: 27,
-        leaves_only: true,
     },
 ];
 
@@ -287,7 +270,7 @@ pub(super) fn capture_gaps() -> Vec<CaptureGap> {
             .iter()
             .map(|t| {
                 serde_json::json!({"tgname": t.name, "tgtype": t.tgtype,
-                    "function": t.function, "leaves_only": t.leaves_only})
+                    "function": t.function})
             })
             .collect(),
     ));
@@ -296,9 +279,9 @@ pub(super) fn capture_gaps() -> Vec<CaptureGap> {
             "WITH RECURSIVE tables(relid) AS ( \
                SELECT t.relid::pg_catalog.oid FROM subject_audit.tracked_table t \
                UNION SELECT i.inhrelid FROM pg_catalog.pg_inherits i JOIN tables ON i.inhparent OPERATOR(pg_catalog.=) tables.relid), \
-             expected(tgname, tgtype, foid, leaves_only) AS (SELECT x.tgname, x.tgtype, \
-               pg_catalog.to_regprocedure(pg_catalog.format('subject_audit.%s()', x.function))::pg_catalog.oid, x.leaves_only \
-               FROM pg_catalog.jsonb_to_recordset($1) x(tgname pg_catalog.text, tgtype pg_catalog.int2, function pg_catalog.text, leaves_only pg_catalog.bool)) \
+             expected(tgname, tgtype, foid) AS (SELECT x.tgname, x.tgtype, \
+               pg_catalog.to_regprocedure(pg_catalog.format('subject_audit.%s()', x.function))::pg_catalog.oid \
+               FROM pg_catalog.jsonb_to_recordset($1) x(tgname pg_catalog.text, tgtype pg_catalog.int2, function pg_catalog.text)) \
              SELECT pg_catalog.array_agg(pg_catalog.format('%s: %s|%s', tables.relid::pg_catalog.regclass::pg_catalog.text, e.tgname, \
                CASE WHEN g.oid IS NULL THEN 'missing' \
                     WHEN g.tgfoid OPERATOR(pg_catalog.<>) e.foid THEN 'calls another function' \
@@ -307,11 +290,10 @@ pub(super) fn capture_gaps() -> Vec<CaptureGap> {
                     WHEN g.tgenabled OPERATOR(pg_catalog.=) 'D' THEN 'disabled' \
                     WHEN g.tgenabled OPERATOR(pg_catalog.=) 'R' THEN 'fires only in replica mode' \
                     ELSE 'fires only in origin mode' END) ORDER BY tables.relid, e.tgname) \
-             FROM tables JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) tables.relid CROSS JOIN expected e \
+             FROM tables CROSS JOIN expected e \
              LEFT JOIN pg_catalog.pg_trigger g ON g.tgrelid OPERATOR(pg_catalog.=) tables.relid \
                AND g.tgname OPERATOR(pg_catalog.=) e.tgname \
              WHERE e.foid IS NOT NULL \
-               AND NOT (e.leaves_only AND c.relkind OPERATOR(pg_catalog.=) 'p') \
                AND (g.oid IS NULL OR g.tgfoid OPERATOR(pg_catalog.<>) e.foid \
                OR g.tgtype OPERATOR(pg_catalog.<>) e.tgtype OR g.tgqual IS NOT NULL \
                OR pg_catalog.cardinality(g.tgattr::pg_catalog.int2[]) OPERATOR(pg_catalog.>) 0 \
@@ -356,7 +338,7 @@ pub(super) fn trigger_function(name: &str) -> Option<&'static str> {
 }
 
 /// The functions our triggers call.
-pub(super) const TRIGGER_FUNCTIONS: [&std::ffi::CStr; 2] = [c"capture_change", c"note_change"];
+pub(super) const TRIGGER_FUNCTIONS: [&std::ffi::CStr; 1] = [c"capture_change"];
 
 /// Tracked tables by OID, with their names while they still have them.
 pub(super) fn tracked_tables() -> Vec<(pg_sys::Oid, String)> {
@@ -445,13 +427,7 @@ pub(super) unsafe fn refuse_subject_column_drop(node: *mut pg_sys::Node) {
 /// `session_replication_role = replica` and in logical replication apply,
 /// so neither is a way around capture.
 fn create_triggers(name: &str) {
-    let partitioned = Spi::get_one_with_args::<bool>(
-        "SELECT relkind OPERATOR(pg_catalog.=) 'p' FROM pg_catalog.pg_class \
-         WHERE oid OPERATOR(pg_catalog.=) $1::pg_catalog.regclass",
-        &[name.into()],
-    );
-    let partitioned = matches!(partitioned, Ok(Some(true)));
-    for spec in TRIGGERS.iter().filter(|t| !(partitioned && t.leaves_only)) {
+    for spec in &TRIGGERS {
         let (trigger, function) = (spec.name, spec.function);
         let when = spec.when.replace("{table}", name);
         Spi::run(&format!(
@@ -500,15 +476,4 @@ fn capture_change<'a>(
 ) -> Result<Option<PgHeapTuple<'a, AllocatedByPostgres>>, std::convert::Infallible> {
     unsafe { capture::on_statement(trigger.trigger_data()) };
     Ok(None)
-}
-
-/// The row trigger `track()` installs: BEFORE UPDATE or DELETE, FOR EACH
-/// ROW. It changes nothing; it notes whose row the statement touches, so a
-/// failing statement's subjects are known (docs/reads-and-failures.md).
-#[pg_trigger]
-fn note_change<'a>(
-    trigger: &'a PgTrigger<'a>,
-) -> Result<Option<PgHeapTuple<'a, AllocatedByPostgres>>, std::convert::Infallible> {
-    unsafe { observe::note_row(trigger.trigger_data()) };
-    Ok(trigger.new().or_else(|| trigger.old()))
 }

@@ -302,9 +302,24 @@ pub fn with_relation<R>(relid: Oid, read: impl FnOnce(&pg_sys::RelationData) -> 
     }
 }
 
-/// The planner's estimate of a table's rows (negative when never analyzed).
-pub fn estimated_rows(relid: Oid) -> f64 {
-    with_relation(relid, |r| f64::from(unsafe { (*r.rd_rel).reltuples })).unwrap_or(-1.0)
+/// About how many rows a table has now, estimated as the planner does: the
+/// rows per page its statistics last saw (`rows_per_page` if never
+/// analyzed) times its pages now. The statistics alone lag behind a table
+/// that grew since (autovacuum may not have analyzed it yet).
+pub fn estimated_rows(relid: Oid, rows_per_page: f64) -> f64 {
+    with_relation(relid, |r| unsafe {
+        let relation = r as *const pg_sys::RelationData as *mut pg_sys::RelationData;
+        let pages_now =
+            pg_sys::RelationGetNumberOfBlocksInFork(relation, pg_sys::ForkNumber::MAIN_FORKNUM);
+        let (pages, rows) = ((*r.rd_rel).relpages, (*r.rd_rel).reltuples);
+        let density = if pages > 0 && rows >= 0.0 {
+            f64::from(rows) / f64::from(pages)
+        } else {
+            rows_per_page
+        };
+        density * f64::from(pages_now)
+    })
+    .unwrap_or(0.0)
 }
 
 /// A string setting, `None` when unset or empty.
