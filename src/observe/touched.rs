@@ -245,11 +245,11 @@ unsafe extern "C-unwind" fn next_row(node: *mut pg_sys::PlanState) -> *mut pg_sy
 }
 
 /// The result relation the plan row `slot` is for, if it is tracked.
-unsafe fn target_of<'a>(
+unsafe fn target_of(
     modify: *mut pg_sys::ModifyTableState,
-    targets: &'a [Option<Target>],
+    targets: &[Option<Target>],
     slot: *mut pg_sys::TupleTableSlot,
-) -> Option<&'a Target> {
+) -> Option<&Target> {
     let oid_attno = (*modify).mt_resultOidAttno;
     if oid_attno <= 0 {
         return targets.first()?.as_ref();
