@@ -277,6 +277,17 @@ SELECT t AS subject, operation, sqlstate, title FROM unnest(array['a-1', 'a-2', 
     LATERAL trail(t) WHERE status = 'error';
 SELECT next_mark();
 
+-- 6c. Past 10,000 subjects, a failing statement's rows are counted, not itemized.
+CREATE TABLE bulk (id int PRIMARY KEY, who text NOT NULL, v int CHECK (v <= 10005));
+SELECT subject_audit.track('bulk', 'who');
+INSERT INTO bulk SELECT g, 'b-' || g, g FROM generate_series(1, 10005) g;
+SELECT next_mark();
+UPDATE bulk SET v = v + 1;
+SELECT subject_audit.wait_for_writer(60000);
+SELECT operation, status, title, count(*) AS events, count(DISTINCT subject_ref) AS subjects
+FROM subject_audit.events WHERE event_id > (SELECT last FROM mark) GROUP BY 1, 2, 3;
+SELECT next_mark();
+
 -- 7. log_failures = off: nothing recorded; superuser-only.
 \c - r18_app
 SET subject_audit.log_failures = off;

@@ -1,5 +1,7 @@
 //! Keyed subject digests (HMAC-SHA256 under the installation secret) and SHA-256.
 
+use std::collections::HashMap;
+
 use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
 
@@ -24,6 +26,31 @@ impl SubjectDigester {
         mac.finalize().into_bytes().into()
     }
 }
+
+/// Hashes keyed digests in hash maps by their leading bytes: an HMAC under
+/// a secret key is uniformly spread and cannot be steered by whoever picks
+/// the tokens, so a keyed hash function (SipHash, the default) would only
+/// hash 32 bytes again on every lookup — several per captured event.
+#[derive(Default, Clone, Copy)]
+pub struct DigestHasher(u64);
+
+impl std::hash::Hasher for DigestHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // A digest arrives as its length, then its bytes: both fold in.
+        for chunk in bytes.chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.0 = self.0.rotate_left(29) ^ u64::from_le_bytes(word);
+        }
+    }
+}
+
+/// A hash map keyed by subject digests.
+pub type DigestMap<V> = HashMap<[u8; DIGEST_LEN], V, std::hash::BuildHasherDefault<DigestHasher>>;
 
 pub fn sha256(parts: &[&[u8]]) -> [u8; 32] {
     let mut hasher = Sha256::new();
@@ -54,6 +81,28 @@ mod tests {
         assert_ne!(a.digest(b"alice"), b.digest(b"alice"));
         assert_ne!(a.digest(b"alice"), a.digest(b"bob"));
         assert_eq!(a.digest(b"alice"), a.digest(b"alice"));
+    }
+
+    #[test]
+    fn digest_map_tells_digests_apart_by_every_byte() {
+        let d = SubjectDigester::new(b"secret");
+        let mut map = DigestMap::default();
+        for i in 0..10_000u32 {
+            map.insert(d.digest(&i.to_le_bytes()), i);
+        }
+        for i in 0..10_000u32 {
+            assert_eq!(map.get(&d.digest(&i.to_le_bytes())), Some(&i));
+        }
+        // Digests alike but for one byte, anywhere, are different keys and hashes.
+        let base = [7u8; DIGEST_LEN];
+        let hash = |k: &[u8; DIGEST_LEN]| std::hash::BuildHasher::hash_one(map.hasher(), k);
+        for at in 0..DIGEST_LEN {
+            let mut other = base;
+            other[at] ^= 1;
+            assert_ne!(hash(&base), hash(&other), "byte {at}");
+            map.insert(other, 1_000_000 + at as u32);
+        }
+        assert_eq!(map.len(), 10_000 + DIGEST_LEN);
     }
 
     #[test]

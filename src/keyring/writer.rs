@@ -4,7 +4,6 @@
 //! anything already written: the sender context only exports keys forward.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
 use std::rc::Rc;
 
 use pgrx::prelude::*;
@@ -13,7 +12,7 @@ use pgrx::{PgBuiltInOids, PgOid};
 use zeroize::Zeroizing;
 
 use super::{shared, INVALID_SUBTRANSACTION_ID};
-use crate::crypto::{self, SenderContext, SubjectDigester, DIGEST_LEN};
+use crate::crypto::{self, DigestMap, SenderContext, SubjectDigester, DIGEST_LEN};
 use crate::store::{self, error::raise, error::raise_with_hint};
 
 /// More cached subjects than this and the cache starts over (about 100 bytes each).
@@ -40,7 +39,7 @@ struct Cached<T> {
 #[derive(Default)]
 struct WriterState {
     context: Option<Cached<Rc<WriterContext>>>,
-    subjects: HashMap<[u8; DIGEST_LEN], SubjectKey>,
+    subjects: DigestMap<SubjectKey>,
     /// Subjects cached since the transaction began, with the subtransaction
     /// that cached them: only these need attention at commit or abort.
     pending_subjects: Vec<([u8; DIGEST_LEN], pg_sys::SubTransactionId)>,
@@ -228,9 +227,9 @@ pub fn subject_digest(token: &[u8]) -> [u8; DIGEST_LEN] {
 /// The live key of every subject in `digests`, creating keys (random salts)
 /// for subjects seen for the first time. One query for the misses, one
 /// insert for the new ones, whatever the batch size.
-pub fn subject_keys(digests: &[[u8; DIGEST_LEN]]) -> HashMap<[u8; DIGEST_LEN], SubjectKey> {
-    let mut found = HashMap::with_capacity(digests.len());
-    let mut missing = std::collections::HashSet::new();
+pub fn subject_keys(digests: &[[u8; DIGEST_LEN]]) -> DigestMap<SubjectKey> {
+    let mut found = DigestMap::with_capacity_and_hasher(digests.len(), Default::default());
+    let mut missing = DigestMap::default();
     WRITER.with(|w| {
         let w = w.borrow();
         for d in digests {
@@ -239,12 +238,12 @@ pub fn subject_keys(digests: &[[u8; DIGEST_LEN]]) -> HashMap<[u8; DIGEST_LEN], S
                     found.insert(*d, key.clone());
                 }
                 None => {
-                    missing.insert(*d);
+                    missing.insert(*d, ());
                 }
             }
         }
     });
-    let missing: Vec<[u8; DIGEST_LEN]> = missing.into_iter().collect();
+    let missing: Vec<[u8; DIGEST_LEN]> = missing.into_keys().collect();
     if missing.is_empty() {
         return found;
     }
@@ -262,6 +261,7 @@ pub fn subject_keys(digests: &[[u8; DIGEST_LEN]]) -> HashMap<[u8; DIGEST_LEN], S
         if w.subjects.len() + loaded.len() > MAX_SUBJECTS {
             w.subjects.clear();
         }
+        w.subjects.reserve(loaded.len());
         for (d, key) in &loaded {
             w.subjects.insert(*d, key.clone());
             w.pending_subjects.push((*d, since));
@@ -273,11 +273,11 @@ pub fn subject_keys(digests: &[[u8; DIGEST_LEN]]) -> HashMap<[u8; DIGEST_LEN], S
 
 /// Keys of subjects missing from this backend's cache: from the shared
 /// cache, then the table, then new ones.
-fn load_or_create(missing: &[[u8; DIGEST_LEN]]) -> HashMap<[u8; DIGEST_LEN], SubjectKey> {
+fn load_or_create(missing: &[[u8; DIGEST_LEN]]) -> DigestMap<SubjectKey> {
     let erasing = WRITER.with(|w| !w.borrow().erased.is_empty());
     let scope = shared_scope().filter(|_| !erasing);
     let shared_seen = shared::generation();
-    let mut loaded: HashMap<[u8; DIGEST_LEN], SubjectKey> = scope
+    let mut loaded: DigestMap<SubjectKey> = scope
         .map(|scope| shared::lookup(scope, missing))
         .unwrap_or_default()
         .into_iter()
@@ -381,8 +381,8 @@ pub(super) fn before_prepare() {
     }
 }
 
-fn collect_keys(table: pgrx::spi::SpiTupleTable<'_>) -> HashMap<[u8; DIGEST_LEN], SubjectKey> {
-    let mut out = HashMap::new();
+fn collect_keys(table: pgrx::spi::SpiTupleTable<'_>) -> DigestMap<SubjectKey> {
+    let mut out = DigestMap::default();
     for row in table {
         let digest: Option<Vec<u8>> = row.get(1).ok().flatten();
         let id: Option<i64> = row.get(2).ok().flatten();
@@ -443,11 +443,11 @@ fn run_subject_key_query(
     batch_query: &'static str,
     single_query: Option<&'static str>,
     columns: Vec<Vec<Vec<u8>>>,
-) -> HashMap<[u8; DIGEST_LEN], SubjectKey> {
+) -> DigestMap<SubjectKey> {
     let rows = columns.first().map_or(0, Vec::len);
     store::as_owner(|| {
         Spi::connect_mut(|client| {
-            let mut keys = HashMap::with_capacity(rows);
+            let mut keys = DigestMap::with_capacity_and_hasher(rows, Default::default());
             if let Some(single_query) = single_query.filter(|_| rows <= PER_SUBJECT_BATCH) {
                 let types = vec![PgOid::BuiltIn(PgBuiltInOids::BYTEAOID); columns.len()];
                 let plan = store::prepared(client, single_query, &types);
@@ -482,7 +482,7 @@ fn probing_is_cheaper(subjects: usize) -> bool {
             <= store::estimated_rows(store::relations().subject_key, SUBJECT_KEYS_PER_PAGE)
 }
 
-fn load_subject_keys(digests: &[[u8; DIGEST_LEN]]) -> HashMap<[u8; DIGEST_LEN], SubjectKey> {
+fn load_subject_keys(digests: &[[u8; DIGEST_LEN]]) -> DigestMap<SubjectKey> {
     if probing_is_cheaper(digests.len()) {
         return store::probe_live_subject_keys(digests)
             .into_iter()
@@ -493,7 +493,7 @@ fn load_subject_keys(digests: &[[u8; DIGEST_LEN]]) -> HashMap<[u8; DIGEST_LEN], 
     run_subject_key_query(LOAD_SUBJECT_KEYS, None, vec![digests])
 }
 
-fn create_subject_keys(digests: &[[u8; DIGEST_LEN]]) -> HashMap<[u8; DIGEST_LEN], SubjectKey> {
+fn create_subject_keys(digests: &[[u8; DIGEST_LEN]]) -> DigestMap<SubjectKey> {
     let mut salts = Zeroizing::new(vec![0u8; 32 * digests.len()]);
     crypto::fill_random(&mut salts)
         .unwrap_or_else(|e| raise(ERRCODE_INTERNAL_ERROR, e.to_string()));

@@ -176,17 +176,10 @@ unsafe fn add_table(tables: &mut Vec<String>, relid: Option<pg_sys::Oid>) {
     }
 }
 
-/// Notes subject values in the Change frame `frame`.
-pub fn note_in(frame: u64, values: Vec<Vec<u8>>) {
-    FRAMES.with(|f| {
-        let mut frames = f.borrow_mut();
-        let change = frames.iter_mut().rev().find_map(|f| match &mut f.kind {
-            Kind::Change(change) if f.id == frame => Some(change),
-            _ => None,
-        });
-        let Some(change) = change else {
-            return;
-        };
+/// Notes subject values in the Change frame `frame`; false once it itemizes
+/// no more (then `count_in` counts the rows instead).
+pub fn note_in(frame: u64, values: Vec<Vec<u8>>) -> bool {
+    with_change(frame, |change| {
         for value in values {
             if change.subjects.len() < MAX_SUBJECTS || change.subjects.contains(&value) {
                 change.subjects.insert(value);
@@ -194,7 +187,28 @@ pub fn note_in(frame: u64, values: Vec<Vec<u8>>) {
                 change.not_itemized += 1;
             }
         }
-    });
+        change.subjects.len() < MAX_SUBJECTS
+    })
+    .unwrap_or(false)
+}
+
+/// Counts a row of the Change frame `frame` that is not itemized.
+pub fn count_in(frame: u64) {
+    with_change(frame, |change| change.not_itemized += 1);
+}
+
+fn with_change<R>(frame: u64, f: impl FnOnce(&mut Change) -> R) -> Option<R> {
+    FRAMES.with(|frames| {
+        let mut frames = frames.borrow_mut();
+        frames
+            .iter_mut()
+            .rev()
+            .find_map(|f| match &mut f.kind {
+                Kind::Change(change) if f.id == frame => Some(change),
+                _ => None,
+            })
+            .map(f)
+    })
 }
 
 /// Keeps a change that failed in an aborted subtransaction without a

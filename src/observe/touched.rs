@@ -13,7 +13,7 @@
 //!   table as it is, unlocked, for its subject. An UPDATE that sets the
 //!   subject column notes the new value too, from the same row.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::ffi::CStr;
 use std::ptr::addr_of_mut;
@@ -30,6 +30,8 @@ struct Wrapped {
     original: Node,
     /// The Change frame the rows are noted in.
     frame: u64,
+    /// Set once the frame itemizes no more subjects: rows are only counted.
+    counting: Cell<bool>,
     rows: Rows,
 }
 
@@ -106,6 +108,7 @@ pub unsafe fn watch(query: *mut pg_sys::QueryDesc, frame: u64) {
         let wrapped = Box::new(Wrapped {
             original,
             frame,
+            counting: Cell::new(false),
             rows,
         });
         WRAPPED.with(|w| w.borrow_mut().insert(source as usize, wrapped));
@@ -217,29 +220,36 @@ unsafe extern "C-unwind" fn next_row(node: *mut pg_sys::PlanState) -> *mut pg_sy
         return slot;
     }
     let frame = (*wrapped).frame;
-    match &(*wrapped).rows {
-        Rows::New { attno, meta } => {
-            if let Some(value) = text_at(slot, *attno, &meta.subject.output) {
-                super::failures::note_in(frame, vec![value]);
-            }
+    let counting = (*wrapped).counting.get();
+    let values = match &(*wrapped).rows {
+        Rows::New { .. } if counting => {
+            super::failures::count_in(frame);
+            return slot;
         }
-        Rows::Old { modify, targets } => {
-            if let Some(target) = target_of(*modify, targets, slot) {
-                let mut values = Vec::with_capacity(1);
-                if let Some(value) = old_subject(target, slot) {
-                    values.push(value);
-                }
+        Rows::New { attno, meta } => text_at(slot, *attno, &meta.subject.output)
+            .into_iter()
+            .collect(),
+        Rows::Old { modify, targets } => match target_of(*modify, targets, slot) {
+            // Past the itemized subjects: no need to read the row.
+            Some(_) if counting => {
+                super::failures::count_in(frame);
+                return slot;
+            }
+            Some(target) => {
+                let mut values: Vec<Vec<u8>> = old_subject(target, slot).into_iter().collect();
                 let new = target
                     .new_subject
                     .and_then(|attno| text_at(slot, attno, &target.meta.subject.output));
                 if let Some(value) = new.filter(|v| !values.contains(v)) {
                     values.push(value);
                 }
-                if !values.is_empty() {
-                    super::failures::note_in(frame, values);
-                }
+                values
             }
-        }
+            None => Vec::new(),
+        },
+    };
+    if !values.is_empty() && !super::failures::note_in(frame, values) {
+        (*wrapped).counting.set(true);
     }
     slot
 }
