@@ -95,7 +95,7 @@ mod tests {
         }
         // Digests alike but for one byte, anywhere, are different keys and hashes.
         let base = [7u8; DIGEST_LEN];
-        let hasher = *map.hasher();
+        let hasher = map.hasher().clone();
         let hash = |k: &[u8; DIGEST_LEN]| std::hash::BuildHasher::hash_one(&hasher, k);
         for at in 0..DIGEST_LEN {
             let mut other = base;
