@@ -84,7 +84,7 @@ CREATE INDEX event_label_digest ON subject_audit.event_label (label_digest);
 -- One row per event. Column order matters: capture writes tuples directly
 -- (fixed-width columns first, so no alignment padding).
 CREATE TABLE subject_audit.event (
-    event_id bigint NOT NULL DEFAULT nextval('subject_audit.event_event_id_seq'),
+    event_id bigint PRIMARY KEY DEFAULT nextval('subject_audit.event_event_id_seq'),
     at timestamptz NOT NULL,
     txid bigint NOT NULL,           -- top-level transaction id (epoch-extended)
     subject_key_id bigint,
@@ -110,11 +110,6 @@ CREATE INDEX event_subject ON subject_audit.event (subject_key_id);
 -- Sealing reads events by transaction id range; events arrive in roughly that
 -- order, so a BRIN index is enough and costs writers almost nothing.
 CREATE INDEX event_txid ON subject_audit.event USING brin (txid) WITH (pages_per_range = 32);
--- No primary key: ids come from the sequence, only the extension writes
--- events, and a btree on event_id cost a bulk change 7% (bench/, one index
--- entry per event). Events arrive in about id order, so BRIN finds an id;
--- an event stored twice is refused by reading and reported by verify().
-CREATE INDEX event_event_id ON subject_audit.event USING brin (event_id) WITH (pages_per_range = 32);
 
 -- The ledger: block n covers every event with from_txid <= txid < to_txid,
 -- where to_txid was the sealing snapshot's xmin (all older transactions had

@@ -73,14 +73,6 @@ SELECT 1000, at, txid, subject_key_id, context_id, label_id, title, nonce, paylo
 FROM subject_audit.event WHERE event_id = 2;
 SELECT ok, problems FROM subject_audit.verify();
 ROLLBACK;
--- ... or under its own id (events have no primary key): verify reports it,
--- and reading the subject's trail refuses it.
-BEGIN;
-INSERT INTO subject_audit.event SELECT * FROM subject_audit.event WHERE event_id = 4;
-SELECT ok, problems FROM subject_audit.verify();
-SELECT subject_audit.unlock(:'sk') AS unlocked;
-SELECT event_id, operation FROM subject_audit.audit_for_subject('c2');
-ROLLBACK;
 -- 4. An event moved within its range.
 BEGIN;
 UPDATE subject_audit.event SET event_id = 999 WHERE event_id = 2;

@@ -357,7 +357,6 @@ fn block_events(
         ),
         &[block.from_txid.into(), block.to_txid.into()],
     );
-    let mut previous_id = None;
     loop {
         let chunk = cursor.fetch(FETCH).unwrap_or_else(|e| spi_error(e));
         if chunk.is_empty() {
@@ -383,9 +382,7 @@ fn block_events(
                     payload: payload.as_deref(),
                 })
             });
-            if previous_id.replace(event_id) == Some(event_id) {
-                problems.push(format!("event {event_id}: stored twice"));
-            } else if row.get::<i32>(21).ok().flatten().is_none() {
+            if row.get::<i32>(21).ok().flatten().is_none() {
                 problems.push(format!("event {event_id}: its label is missing"));
             } else if bytes(19).as_deref() != Some(&hash[..]) {
                 problems.push(format!(

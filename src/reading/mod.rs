@@ -219,16 +219,6 @@ pub fn subject_events(token: &str, only_event: Option<i64>) -> Vec<DecryptedEven
                     payload: None,
                     erased: false,
                 };
-                // Events have no primary key: a copied row would read as a second event.
-                if events
-                    .last()
-                    .is_some_and(|last: &DecryptedEvent| last.event_id == event.event_id)
-                {
-                    raise(
-                        ERRCODE_DATA_CORRUPTED,
-                        format!("event {} is stored twice in subject_audit.event (see subject_audit.verify())", event.event_id),
-                    );
-                }
                 if row.get::<i32>(22)?.is_none() {
                     raise(
                         ERRCODE_DATA_CORRUPTED,
