@@ -102,25 +102,29 @@ pub unsafe fn tracked_table(relid: pg_sys::Oid) -> Option<std::rc::Rc<TableMeta>
     if relation.is_null() {
         return None;
     }
+    let meta = tracked_relation(relation);
+    pg_sys::RelationClose(relation);
+    meta
+}
+
+/// The capture metadata of `relation` if it is tracked, itself or as a
+/// partition of a tracked table (partitions carry the capture triggers too).
+/// Cheap for other tables: only one with capture triggers is looked up further.
+///
+/// # Safety
+/// `relation` must be an open relation.
+pub unsafe fn tracked_relation(relation: pg_sys::Relation) -> Option<std::rc::Rc<TableMeta>> {
     let triggers = (*relation).trigdesc;
     let has_capture = !triggers.is_null()
         && (0..(*triggers).numtriggers as usize).any(|i| {
             let name = CStr::from_ptr((*(*triggers).triggers.add(i)).tgname);
             name.to_bytes().starts_with(b"subject_audit_capture_")
         });
-    let meta = if has_capture {
+    if has_capture {
         table_meta::lookup(relation)
     } else {
         None
-    };
-    pg_sys::RelationClose(relation);
-    meta
-}
-
-/// The capture metadata of `relation` if it is tracked, itself or as a
-/// partition of a tracked table.
-pub fn tracked_relation(relation: pg_sys::Relation) -> Option<std::rc::Rc<TableMeta>> {
-    table_meta::lookup(relation)
+    }
 }
 
 /// The body of `subject_audit.capture_change()`.

@@ -51,8 +51,11 @@ struct Target {
     /// Keeps the subject column's output function alive.
     meta: Rc<TableMeta>,
     relation: pg_sys::Relation,
-    /// Where the old row is read into; freed with the executor's tuple table.
-    slot: *mut pg_sys::TupleTableSlot,
+    estate: *mut pg_sys::EState,
+    /// Where the old row is read into, made when first needed (a plan may
+    /// name many partitions and touch one); freed with the executor's tuple
+    /// table.
+    slot: Cell<*mut pg_sys::TupleTableSlot>,
     /// The row's column holding the ctid.
     row_id: usize,
     /// The row's column with the new subject value, if an UPDATE sets it.
@@ -142,10 +145,15 @@ unsafe fn old_rows(
     for i in 0..(*modify).mt_nrels as usize {
         let info = (*modify).resultRelInfo.add(i);
         let relation = (*info).ri_RelationDesc;
-        let meta = if relation.is_null() || (*info).ri_RowIdAttNo <= 0 {
-            None
-        } else {
+        // Only heap tables name their rows by ctid (a foreign table has no
+        // table AM: its rows are whole-row values).
+        let heap = !relation.is_null()
+            && !(*relation).rd_tableam.is_null()
+            && (*(*relation).rd_rel).relkind == pg_sys::RELKIND_RELATION as std::ffi::c_char;
+        let meta = if heap && (*info).ri_RowIdAttNo > 0 {
             capture::tracked_relation(relation)
+        } else {
+            None
         };
         let Some(meta) = meta else {
             targets.push(None);
@@ -161,13 +169,11 @@ unsafe fn old_rows(
         } else {
             None
         };
-        let previous = pg_sys::MemoryContextSwitchTo((*estate).es_query_cxt);
-        let slot = pg_sys::table_slot_create(relation, addr_of_mut!((*estate).es_tupleTable));
-        pg_sys::MemoryContextSwitchTo(previous);
         targets.push(Some(Target {
             meta,
             relation,
-            slot,
+            estate,
+            slot: Cell::new(std::ptr::null_mut()),
             row_id: (*info).ri_RowIdAttNo as usize,
             new_subject,
         }));
@@ -280,22 +286,25 @@ unsafe fn old_subject(target: &Target, slot: *mut pg_sys::TupleTableSlot) -> Opt
     let tid = datum_at(slot, target.row_id)?.cast_mut_ptr::<pg_sys::ItemPointerData>();
     let relation = target.relation;
     let fetch = (*(*relation).rd_tableam).tuple_fetch_row_version?;
-    if !fetch(
-        relation,
-        tid,
-        addr_of_mut!(pg_sys::SnapshotAnyData),
-        target.slot,
-    ) {
+    if target.slot.get().is_null() {
+        let estate = target.estate;
+        let previous = pg_sys::MemoryContextSwitchTo((*estate).es_query_cxt);
+        let slot = pg_sys::table_slot_create(relation, addr_of_mut!((*estate).es_tupleTable));
+        pg_sys::MemoryContextSwitchTo(previous);
+        target.slot.set(slot);
+    }
+    let slot = target.slot.get();
+    if !fetch(relation, tid, addr_of_mut!(pg_sys::SnapshotAnyData), slot) {
         return None;
     }
     let value = text_at(
-        target.slot,
+        slot,
         target.meta.subject.index + 1,
         &target.meta.subject.output,
     );
     // ExecClearTuple, an inline function in tuptable.h: drops the buffer pin.
-    if let Some(clear) = (*(*target.slot).tts_ops).clear {
-        clear(target.slot);
+    if let Some(clear) = (*(*slot).tts_ops).clear {
+        clear(slot);
     }
     value
 }

@@ -307,6 +307,9 @@ pub fn with_relation<R>(relid: Oid, read: impl FnOnce(&pg_sys::RelationData) -> 
 /// analyzed) times its pages now. The statistics alone lag behind a table
 /// that grew since (autovacuum may not have analyzed it yet).
 pub fn estimated_rows(relid: Oid, rows_per_page: f64) -> f64 {
+    // Its size is read from its file: locked, so that no rewrite (VACUUM
+    // FULL, CLUSTER) swaps the file meanwhile.
+    unsafe { pg_sys::LockRelationOid(relid, pg_sys::AccessShareLock as pg_sys::LOCKMODE) };
     with_relation(relid, |r| unsafe {
         let relation = r as *const pg_sys::RelationData as *mut pg_sys::RelationData;
         let pages_now =
