@@ -128,7 +128,7 @@ unsafe fn new_rows(modify: *mut pg_sys::ModifyTableState) -> Option<Rows> {
     if target.is_null() || (*target).ri_RelationDesc.is_null() {
         return None;
     }
-    let meta = capture::tracked_table((*(*target).ri_RelationDesc).rd_id)?;
+    let meta = capture::tracked_relation((*target).ri_RelationDesc)?;
     Some(Rows::New {
         attno: meta.subject.index + 1,
         meta,
