@@ -12,7 +12,7 @@
 //! - `store`, `crypto` — the extension's tables and running as their owner;
 //!   pure cryptography
 
-use std::ffi::{c_char, c_void, CStr, CString};
+use std::ffi::{c_char, c_void, CStr};
 
 use pgrx::prelude::*;
 use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting};
@@ -37,8 +37,6 @@ mod test_support;
 extension_sql_file!("../sql/bootstrap.sql", name = "bootstrap", bootstrap);
 extension_sql_file!("../sql/finalize.sql", name = "finalize", finalize);
 
-static ACTOR: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
-static REASON: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 static REQUIRE_RECORDED_READS: GucSetting<bool> = GucSetting::<bool>::new(false);
 /// Owned by the GUC machinery; only ever holds the mask, never a key.
 static mut SESSION_KEY: *mut c_char = std::ptr::null_mut();
@@ -55,28 +53,12 @@ pub extern "C-unwind" fn _PG_init() {
     // Errors reach clients: never let a Rust backtrace ride along in DETAIL.
     // Safe here: _PG_init runs before this process starts any thread.
     unsafe { std::env::set_var("RUST_LIB_BACKTRACE", "0") };
-    GucRegistry::define_string_guc(
-        c"subject_audit.actor",
-        c"Who acts, in the application's terms; recorded on every event.",
-        c"Set per transaction with SET LOCAL. Empty means the database role.",
-        &ACTOR,
-        GucContext::Userset,
-        GucFlags::default(),
-    );
     GucRegistry::define_bool_guc(
         c"subject_audit.require_recorded_reads",
         c"Refuse reads of a trail that cannot be recorded (read-only transaction, hot standby).",
         c"Off: such reads work, with a NOTICE that they went unrecorded. Superuser-only, so set it per role or database for readers.",
         &REQUIRE_RECORDED_READS,
         GucContext::Suset,
-        GucFlags::default(),
-    );
-    GucRegistry::define_string_guc(
-        c"subject_audit.reason",
-        c"Why, e.g. a purpose or ticket; encrypted into every event's description.",
-        c"Set per transaction with SET LOCAL.",
-        &REASON,
-        GucContext::Userset,
         GucFlags::default(),
     );
     unsafe {

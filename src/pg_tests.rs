@@ -146,6 +146,31 @@ mod tests {
     }
 
     #[pg_test]
+    fn a_renamed_role_is_recorded_under_its_new_name_at_once() {
+        install_and_unlock();
+        Spi::run(
+            "CREATE TABLE r (id int PRIMARY KEY, who text);
+             SELECT subject_audit.track('r', 'who');
+             CREATE ROLE audit_clerk;
+             GRANT INSERT, UPDATE, SELECT ON r TO audit_clerk;
+             SET LOCAL ROLE audit_clerk;
+             INSERT INTO r VALUES (1, 'w');
+             RESET ROLE;
+             ALTER ROLE audit_clerk RENAME TO audit_clerk_renamed;
+             SET LOCAL ROLE audit_clerk_renamed;
+             UPDATE r SET id = 2;
+             RESET ROLE;",
+        )
+        .unwrap();
+        let roles: Vec<String> = one(
+            "SELECT array_agg(l.db_role ORDER BY e.event_id) FROM subject_audit.event e
+             JOIN subject_audit.event_label l USING (label_id)
+             WHERE l.table_name = 'public.r' AND l.operation IN ('INSERT', 'UPDATE')",
+        );
+        assert_eq!(roles, vec!["audit_clerk", "audit_clerk_renamed"]);
+    }
+
+    #[pg_test]
     fn subject_change_reaches_both_subjects_and_null_subjects_are_recorded() {
         install_and_unlock();
         Spi::run(

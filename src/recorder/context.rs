@@ -1,11 +1,16 @@
 //! Who, when and why, gathered once per statement.
 
 use std::cell::RefCell;
-use std::ffi::CStr;
+use std::collections::HashMap;
+use std::ffi::{CStr, CString};
 
 use pgrx::prelude::*;
+use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting};
 
 use crate::store;
+
+static ACTOR: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+static REASON: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct StatementContext {
@@ -21,18 +26,77 @@ pub struct StatementContext {
 
 thread_local! {
     static CLIENT_ADDR: RefCell<Option<Option<String>>> = const { RefCell::new(None) };
+    /// Role names by OID, forgotten whenever pg_authid changes.
+    static ROLE_NAMES: RefCell<HashMap<u32, String>> = RefCell::new(HashMap::new());
 }
 
-/// A role's current name (a syscache lookup: renames show at once).
+/// Defines the settings that say who acts and why, and registers the
+/// callback that keeps the role names current.
+pub fn init() {
+    GucRegistry::define_string_guc(
+        c"subject_audit.actor",
+        c"Who acts, in the application's terms; recorded on every event.",
+        c"Set per transaction with SET LOCAL. Empty means the database role.",
+        &ACTOR,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"subject_audit.reason",
+        c"Why, e.g. a purpose or ticket; encrypted into every event's description.",
+        c"Set per transaction with SET LOCAL.",
+        &REASON,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
+    unsafe {
+        pg_sys::CacheRegisterSyscacheCallback(
+            pg_sys::SysCacheIdentifier::AUTHOID as i32,
+            Some(on_role_changed),
+            pg_sys::Datum::from(0),
+        );
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn on_role_changed(_arg: pg_sys::Datum, _cache: i32, _hash: u32) {
+    ROLE_NAMES.with(|names| names.borrow_mut().clear());
+}
+
+/// A role's current name: renames show at once (the cache is dropped on
+/// any change to pg_authid). Looked up twice per statement, so cached.
 fn role_name(role: pg_sys::Oid) -> String {
+    if let Some(name) = ROLE_NAMES.with(|names| names.borrow().get(&role.to_u32()).cloned()) {
+        return name;
+    }
     let name = unsafe { pg_sys::GetUserNameFromId(role, true) };
     if name.is_null() {
         // Dropped while this session still runs as it.
         return format!("role {}", role.to_u32());
     }
-    unsafe { CStr::from_ptr(name) }
+    let name = unsafe { CStr::from_ptr(name) }
         .to_string_lossy()
-        .into_owned()
+        .into_owned();
+    ROLE_NAMES.with(|names| names.borrow_mut().insert(role.to_u32(), name.clone()));
+    name
+}
+
+/// A string setting of ours; empty means unset.
+fn setting(value: &GucSetting<Option<CString>>) -> Option<String> {
+    value
+        .get()
+        .filter(|v| !v.is_empty())
+        .map(|v| v.to_string_lossy().into_owned())
+}
+
+/// `application_name`, read where the GUC machinery keeps it.
+fn application_name() -> Option<String> {
+    let name = unsafe { pg_sys::application_name };
+    if name.is_null() {
+        return None;
+    }
+    let name = unsafe { CStr::from_ptr(name) }.to_string_lossy();
+    (!name.is_empty()).then(|| name.into_owned())
 }
 
 /// The client's address as `host()` prints it; constant for the session.
@@ -64,12 +128,12 @@ impl StatementContext {
         StatementContext {
             at: unsafe { pg_sys::GetCurrentStatementStartTimestamp() },
             txid: 0,
-            actor: store::setting(c"subject_audit.actor").unwrap_or_else(|| db_role.clone()),
+            actor: setting(&ACTOR).unwrap_or_else(|| db_role.clone()),
             session_role: role_name(unsafe { pg_sys::GetSessionUserId() }),
             db_role,
-            application_name: store::setting(c"application_name"),
+            application_name: application_name(),
             client_addr: client_addr(),
-            reason: store::setting(c"subject_audit.reason"),
+            reason: setting(&REASON),
         }
     }
 }

@@ -8,7 +8,6 @@ mod inserter;
 mod labels;
 
 pub use context::StatementContext;
-pub use labels::init;
 #[cfg(any(test, feature = "pg_test"))]
 pub use labels::{forget_remembered, label_id};
 
@@ -29,6 +28,12 @@ use inserter::{text_datum, EventInserter, EVENT_COLUMNS};
 
 unsafe extern "C-unwind" {
     fn nextval_internal(relid: pg_sys::Oid, check_permissions: bool) -> i64;
+}
+
+/// Registers the recorder's settings and cache callbacks.
+pub fn init() {
+    context::init();
+    labels::init();
 }
 
 /// Whose event it is.
