@@ -134,3 +134,32 @@ ORDER BY event_id;
 -- Sealed like every other event; the ledger verifies.
 SELECT subject_audit.seal() > 0 AS sealed;
 SELECT ok, problems FROM subject_audit.verify();
+
+-- Role names are recorded as they are when the event is written: a rename shows at
+-- once, and a rename rolled back gives the old name back.
+CREATE TABLE renames (id int PRIMARY KEY, owner text);
+SELECT subject_audit.track('renames', 'owner');
+CREATE ROLE r13_clerk;
+GRANT ALL ON renames TO r13_clerk;
+BEGIN;
+SET LOCAL ROLE r13_clerk;
+INSERT INTO renames VALUES (1, 'o-9');
+RESET ROLE;
+SAVEPOINT before_rename;
+ALTER ROLE r13_clerk RENAME TO r13_clerk_renamed;
+SET LOCAL ROLE r13_clerk_renamed;
+UPDATE renames SET id = 2;
+RESET ROLE;
+ROLLBACK TO SAVEPOINT before_rename;
+SET LOCAL ROLE r13_clerk;
+UPDATE renames SET id = 3;
+RESET ROLE;
+COMMIT;
+ALTER ROLE r13_clerk RENAME TO r13_clerk_renamed;
+SET ROLE r13_clerk_renamed;
+UPDATE renames SET id = 4;
+RESET ROLE;
+SELECT l.operation, l.db_role, l.session_role
+FROM subject_audit.event e JOIN subject_audit.event_label l USING (label_id)
+WHERE l.table_name = 'public.renames' AND l.operation IN ('INSERT', 'UPDATE')
+ORDER BY e.event_id;
