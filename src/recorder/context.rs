@@ -81,22 +81,13 @@ fn role_name(role: pg_sys::Oid) -> String {
     name
 }
 
-/// A string setting of ours; empty means unset.
-fn setting(value: &GucSetting<Option<CString>>) -> Option<String> {
-    value
-        .get()
-        .filter(|v| !v.is_empty())
-        .map(|v| v.to_string_lossy().into_owned())
-}
-
-/// `application_name`, read where the GUC machinery keeps it.
-fn application_name() -> Option<String> {
-    let name = unsafe { pg_sys::application_name };
-    if name.is_null() {
+/// A string setting's value where the GUC machinery keeps it; empty means unset.
+fn setting(value: *const std::ffi::c_char) -> Option<String> {
+    if value.is_null() {
         return None;
     }
-    let name = unsafe { CStr::from_ptr(name) }.to_string_lossy();
-    (!name.is_empty()).then(|| name.into_owned())
+    let value = unsafe { CStr::from_ptr(value) }.to_string_lossy();
+    (!value.is_empty()).then(|| value.into_owned())
 }
 
 /// The client's address as `host()` prints it; constant for the session.
@@ -128,12 +119,12 @@ impl StatementContext {
         StatementContext {
             at: unsafe { pg_sys::GetCurrentStatementStartTimestamp() },
             txid: 0,
-            actor: setting(&ACTOR).unwrap_or_else(|| db_role.clone()),
+            actor: setting(unsafe { *ACTOR.as_ptr() }).unwrap_or_else(|| db_role.clone()),
             session_role: role_name(unsafe { pg_sys::GetSessionUserId() }),
             db_role,
-            application_name: application_name(),
+            application_name: setting(unsafe { pg_sys::application_name }),
             client_addr: client_addr(),
-            reason: setting(&REASON),
+            reason: setting(unsafe { *REASON.as_ptr() }),
         }
     }
 }
