@@ -304,6 +304,60 @@ mod tests {
         assert_eq!(found[0].2, [0xab; 32]);
     }
 
+    #[pg_test]
+    fn a_bulk_of_new_subjects_finds_the_keys_of_the_few_that_have_one() {
+        install_and_unlock();
+        Spi::run(
+            "CREATE TABLE bulk_people (id int PRIMARY KEY, token text NOT NULL, note text);
+             SELECT subject_audit.track('bulk_people', 'token');
+             INSERT INTO bulk_people SELECT g, 'person-' || g, 'first' FROM generate_series(1, 5) g;",
+        )
+        .unwrap();
+        let known: Vec<i64> = one(
+            "SELECT array_agg(subject_key_id ORDER BY subject_key_id) FROM subject_audit.subject_key",
+        );
+        assert_eq!(known.len(), 5);
+        // 400 subjects missing from the backend's cache, 5 of them with a key:
+        // taken for a bulk of new subjects, whose insert skips the 5.
+        crate::keyring::forget_cached_subjects();
+        Spi::run(
+            "INSERT INTO bulk_people SELECT 100 + g, 'person-' || g, 'second' FROM generate_series(1, 400) g",
+        )
+        .unwrap();
+        let live_keys = "SELECT count(*) FROM subject_audit.subject_key";
+        assert_eq!(one::<i64>(live_keys), 400);
+        assert_eq!(
+            one::<i64>("SELECT count(DISTINCT subject_digest) FROM subject_audit.subject_key"),
+            400
+        );
+        let on_known_keys = format!(
+            "SELECT count(*) FROM subject_audit.events WHERE operation <> 'READ' AND event_id IN
+             (SELECT event_id FROM subject_audit.event WHERE subject_key_id = ANY ('{{{}}}'::bigint[]))",
+            known.iter().map(i64::to_string).collect::<Vec<_>>().join(",")
+        );
+        assert_eq!(one::<i64>(&on_known_keys), 10);
+        let notes = |token: &str| -> String {
+            one(&format!(
+                "SELECT string_agg(after->>'note', ',' ORDER BY event_id)
+                 FROM subject_audit.audit_for_subject('{token}') WHERE operation = 'INSERT'"
+            ))
+        };
+        assert_eq!(notes("person-3"), "first,second");
+        assert_eq!(notes("person-300"), "second");
+        // 400 subjects missing from the cache, all with a key: probed, none created.
+        crate::keyring::forget_cached_subjects();
+        Spi::run("UPDATE bulk_people SET note = 'third' WHERE id > 100").unwrap();
+        assert_eq!(one::<i64>(live_keys), 400);
+        assert_eq!(one::<i64>(&on_known_keys), 15);
+        assert_eq!(
+            one::<String>(
+                "SELECT string_agg(after->>'note', ',' ORDER BY event_id)
+                 FROM subject_audit.audit_for_subject('person-300')"
+            ),
+            "second,third"
+        );
+    }
+
     #[pg_test(error = "this public key is already installed as key 1")]
     fn a_key_is_installed_once() {
         Spi::run(

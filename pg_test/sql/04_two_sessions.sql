@@ -40,4 +40,37 @@ SELECT subject_audit.unlock(:'sk2');
 SELECT count(*) FROM subject_audit.audit_for_subject('m1');
 SELECT subject_audit.unlock(:'sk1');
 SELECT event_id, operation, changed_columns, before, after FROM subject_audit.audit_for_subject('m1');
+
+-- Two sessions bringing in the same 300 new people at once (a bulk of new
+-- subjects: the insert of their keys skips those that exist). The writer's
+-- insert waits for this transaction's new keys; once they commit, it uses
+-- them: one live key per person, and both sessions' events under it.
+CREATE TABLE people (id int PRIMARY KEY, person text NOT NULL, note text);
+SELECT subject_audit.track('people', 'person');
+GRANT SELECT, INSERT ON people TO writer;
+BEGIN;
+INSERT INTO people SELECT g, 'p' || g, 'here' FROM generate_series(1, 300) g;
+SELECT dblink_send_query('w', $$INSERT INTO people SELECT 1000 + g, 'p' || g, 'writer' FROM generate_series(1, 300) g$$);
+SELECT pg_sleep(0.5);
+COMMIT;
+SELECT * FROM dblink_get_result('w') AS r(status text);
+SELECT * FROM dblink_get_result('w') AS r(status text); -- done: the connection is free again
+SELECT count(*) AS live_keys, count(DISTINCT subject_digest) AS people
+FROM subject_audit.subject_key WHERE salt IS NOT NULL;
+SELECT count(DISTINCT e.subject_key_id) AS keys_used, count(*) AS events
+FROM subject_audit.event e JOIN subject_audit.event_label l USING (label_id)
+WHERE l.table_name = 'public.people';
+SELECT string_agg(after->>'note', ',' ORDER BY event_id) FROM subject_audit.audit_for_subject('p123');
+
+-- The same, but this transaction rolls back: the writer then creates the keys.
+BEGIN;
+INSERT INTO people SELECT 2000 + g, 'q' || g, 'gone' FROM generate_series(1, 300) g;
+SELECT dblink_send_query('w', $$INSERT INTO people SELECT 3000 + g, 'q' || g, 'writer' FROM generate_series(1, 300) g$$);
+SELECT pg_sleep(0.5);
+ROLLBACK;
+SELECT * FROM dblink_get_result('w') AS r(status text);
+SELECT * FROM dblink_get_result('w') AS r(status text); -- done: the connection is free again
+SELECT count(*) AS live_keys, count(DISTINCT subject_digest) AS people
+FROM subject_audit.subject_key WHERE salt IS NOT NULL;
+SELECT string_agg(after->>'note', ',' ORDER BY event_id) FROM subject_audit.audit_for_subject('q123');
 SELECT dblink_disconnect('w');

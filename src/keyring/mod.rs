@@ -23,6 +23,8 @@ pub use session::{
     ensure_unlocked, lock, reader_data_key, stash_from_setting, unlock, unlock_pending,
     KeyNotUnlocked,
 };
+#[cfg(any(test, feature = "pg_test"))]
+pub use writer::forget_cached_subjects;
 pub use writer::{note_erased, subject_digest, subject_keys, writer_context};
 
 use pgrx::pg_sys;

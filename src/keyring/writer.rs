@@ -243,10 +243,13 @@ pub fn subject_keys(digests: &[[u8; DIGEST_LEN]]) -> DigestMap<SubjectKey> {
             }
         }
     });
-    let missing: Vec<[u8; DIGEST_LEN]> = missing.into_keys().collect();
+    let mut missing: Vec<[u8; DIGEST_LEN]> = missing.into_keys().collect();
     if missing.is_empty() {
         return found;
     }
+    // In digest order, new keys go into `subject_key_digest` leaf by leaf
+    // (and probes walk it so) instead of to random leaves.
+    missing.sort_unstable();
     watch_tables();
     let seen = generation();
     let loaded = load_or_create(&missing);
@@ -291,7 +294,18 @@ fn load_or_create(missing: &[[u8; DIGEST_LEN]]) -> DigestMap<SubjectKey> {
     if misses.is_empty() {
         return loaded;
     }
-    let read = load_subject_keys(&misses);
+    // A batch of subjects mostly seen for the first time (a bulk load):
+    // probe a sample only, and let the insert itself find the rest that
+    // exist, instead of probing every one and then inserting.
+    let sample = &misses[..misses.len().min(NEWNESS_SAMPLE)];
+    let probe_all = misses.len() < NEWNESS_BATCH;
+    let read = load_subject_keys(if probe_all { &misses } else { sample });
+    let mostly_new = !probe_all && read.len() * 4 <= sample.len();
+    let read = if probe_all || mostly_new {
+        read
+    } else {
+        load_subject_keys(&misses)
+    };
     if let Some(scope) = scope {
         // Only keys known to be committed: read under a fresh snapshot (not
         // a REPEATABLE READ one, which may predate an erasure), by a
@@ -312,7 +326,13 @@ fn load_or_create(missing: &[[u8; DIGEST_LEN]]) -> DigestMap<SubjectKey> {
         .copied()
         .collect();
     if !new.is_empty() {
-        let created = create_subject_keys(&new);
+        let created = if mostly_new {
+            let (created, existing) = create_unless_existing(&new);
+            loaded.extend(existing);
+            created
+        } else {
+            create_subject_keys(&new)
+        };
         if let Some(scope) = scope {
             let since = current_subxact().unwrap_or_default();
             WRITER.with(|w| {
@@ -415,6 +435,11 @@ const CREATE_SUBJECT_KEYS: &str = "INSERT INTO subject_audit.subject_key AS k (s
      DO UPDATE SET subject_digest = excluded.subject_digest \
      RETURNING k.subject_digest, k.subject_key_id, k.salt";
 
+const CREATE_NEW_SUBJECT_KEYS: &str = "INSERT INTO subject_audit.subject_key AS k (subject_digest, salt) \
+     SELECT d, s FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.bytea[]), pg_catalog.unnest($2::pg_catalog.bytea[])) AS u(d, s) \
+     ON CONFLICT (subject_digest, erased_at) DO NOTHING \
+     RETURNING k.subject_digest, k.subject_key_id, k.salt";
+
 const CREATE_SUBJECT_KEY: &str =
     "INSERT INTO subject_audit.subject_key AS k (subject_digest, salt) VALUES ($1, $2) \
      ON CONFLICT (subject_digest, erased_at) \
@@ -426,6 +451,11 @@ const CREATE_SUBJECT_KEY: &str =
 /// index probes; beyond it, one statement for the whole batch, planned for
 /// it (for thousands of subjects the planner picks a hashed scan).
 const PER_SUBJECT_BATCH: usize = 16;
+/// From this many subjects missing from the caches on, a sample of them is
+/// probed first; if at most a quarter of the sample has a key, the batch is
+/// taken for new subjects (see `load_or_create`).
+const NEWNESS_BATCH: usize = 256;
+const NEWNESS_SAMPLE: usize = 32;
 /// Rows of `subject_key` per 8 kB page (about 110 bytes each), for a table
 /// never analyzed.
 const SUBJECT_KEYS_PER_PAGE: f64 = 70.0;
@@ -493,18 +523,55 @@ fn load_subject_keys(digests: &[[u8; DIGEST_LEN]]) -> DigestMap<SubjectKey> {
     run_subject_key_query(LOAD_SUBJECT_KEYS, None, vec![digests])
 }
 
-fn create_subject_keys(digests: &[[u8; DIGEST_LEN]]) -> DigestMap<SubjectKey> {
+/// Creates keys for `digests` that have no live key, and reads the keys of
+/// those that have one (the insert skips them, having found them in the
+/// index): returns (created, existing).
+fn create_unless_existing(
+    digests: &[[u8; DIGEST_LEN]],
+) -> (DigestMap<SubjectKey>, DigestMap<SubjectKey>) {
+    let created = run_subject_key_query(CREATE_NEW_SUBJECT_KEYS, None, new_key_rows(digests));
+    let skipped: Vec<_> = digests
+        .iter()
+        .filter(|d| !created.contains_key(*d))
+        .copied()
+        .collect();
+    if skipped.is_empty() {
+        return (created, DigestMap::default());
+    }
+    let existing = load_subject_keys(&skipped);
+    // Skipped but not found: erased by a transaction that committed in
+    // between. The general path settles these as it would have without the
+    // sample.
+    let gone: Vec<_> = skipped
+        .iter()
+        .filter(|d| !existing.contains_key(*d))
+        .copied()
+        .collect();
+    if gone.is_empty() {
+        return (created, existing);
+    }
+    let mut created = created;
+    created.extend(create_subject_keys(&gone));
+    (created, existing)
+}
+
+/// The query arguments for new keys: the digests and fresh random salts.
+fn new_key_rows(digests: &[[u8; DIGEST_LEN]]) -> Vec<Vec<Vec<u8>>> {
     let mut salts = Zeroizing::new(vec![0u8; 32 * digests.len()]);
     crypto::fill_random(&mut salts)
         .unwrap_or_else(|e| raise(ERRCODE_INTERNAL_ERROR, e.to_string()));
     let digests = digests.iter().map(|d| d.to_vec()).collect::<Vec<_>>();
     let salts = salts.chunks(32).map(<[u8]>::to_vec).collect::<Vec<_>>();
+    vec![digests, salts]
+}
+
+fn create_subject_keys(digests: &[[u8; DIGEST_LEN]]) -> DigestMap<SubjectKey> {
     // A concurrent writer may create the same subject first: then its salt
     // wins and is returned here (DO UPDATE, because DO NOTHING returns no row).
     run_subject_key_query(
         CREATE_SUBJECT_KEYS,
         Some(CREATE_SUBJECT_KEY),
-        vec![digests, salts],
+        new_key_rows(digests),
     )
 }
 
@@ -592,6 +659,16 @@ pub(super) fn on_abort(subid: pg_sys::SubTransactionId) {
             }
             !aborted
         });
+    });
+}
+
+/// Forgets the subject keys this backend has cached, as a new backend would start.
+#[cfg(any(test, feature = "pg_test"))]
+pub fn forget_cached_subjects() {
+    WRITER.with(|w| {
+        let mut w = w.borrow_mut();
+        w.subjects.clear();
+        w.pending_subjects.clear();
     });
 }
 
