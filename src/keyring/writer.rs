@@ -225,8 +225,8 @@ pub fn subject_digest(token: &[u8]) -> [u8; DIGEST_LEN] {
 }
 
 /// The live key of every subject in `digests`, creating keys (random salts)
-/// for subjects seen for the first time. One query for the misses, one
-/// insert for the new ones, whatever the batch size.
+/// for subjects seen for the first time. A few queries per batch, whatever
+/// its size (see `load_or_create`).
 pub fn subject_keys(digests: &[[u8; DIGEST_LEN]]) -> DigestMap<SubjectKey> {
     let mut found = DigestMap::with_capacity_and_hasher(digests.len(), Default::default());
     let mut missing = DigestMap::default();
@@ -299,13 +299,11 @@ fn load_or_create(missing: &[[u8; DIGEST_LEN]]) -> DigestMap<SubjectKey> {
     // exist, instead of probing every one and then inserting.
     let sample = &misses[..misses.len().min(NEWNESS_SAMPLE)];
     let probe_all = misses.len() < NEWNESS_BATCH;
-    let read = load_subject_keys(if probe_all { &misses } else { sample });
+    let mut read = load_subject_keys(if probe_all { &misses } else { sample });
     let mostly_new = !probe_all && read.len() * 4 <= sample.len();
-    let read = if probe_all || mostly_new {
-        read
-    } else {
-        load_subject_keys(&misses)
-    };
+    if !probe_all && !mostly_new {
+        read.extend(load_subject_keys(&misses[sample.len()..]));
+    }
     if let Some(scope) = scope {
         // Only keys known to be committed: read under a fresh snapshot (not
         // a REPEATABLE READ one, which may predate an erasure), by a
@@ -429,16 +427,25 @@ const LOAD_SUBJECT_KEYS: &str = "SELECT k.subject_digest, k.subject_key_id, k.sa
      FROM subject_audit.subject_key k \
      WHERE k.subject_digest OPERATOR(pg_catalog.=) ANY ($1) AND k.erased_at IS NULL";
 
-const CREATE_SUBJECT_KEYS: &str = "INSERT INTO subject_audit.subject_key AS k (subject_digest, salt) \
-     SELECT d, s FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.bytea[]), pg_catalog.unnest($2::pg_catalog.bytea[])) AS u(d, s) \
-     ON CONFLICT (subject_digest, erased_at) \
-     DO UPDATE SET subject_digest = excluded.subject_digest \
-     RETURNING k.subject_digest, k.subject_key_id, k.salt";
+/// Keys for the digests and salts in two arrays; what a conflict with a
+/// live key does is the argument.
+macro_rules! insert_subject_keys {
+    ($on_conflict:literal) => {
+        concat!(
+            "INSERT INTO subject_audit.subject_key AS k (subject_digest, salt) \
+             SELECT d, s FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.bytea[]), pg_catalog.unnest($2::pg_catalog.bytea[])) AS u(d, s) \
+             ON CONFLICT (subject_digest, erased_at) ",
+            $on_conflict,
+            " RETURNING k.subject_digest, k.subject_key_id, k.salt"
+        )
+    };
+}
 
-const CREATE_NEW_SUBJECT_KEYS: &str = "INSERT INTO subject_audit.subject_key AS k (subject_digest, salt) \
-     SELECT d, s FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.bytea[]), pg_catalog.unnest($2::pg_catalog.bytea[])) AS u(d, s) \
-     ON CONFLICT (subject_digest, erased_at) DO NOTHING \
-     RETURNING k.subject_digest, k.subject_key_id, k.salt";
+/// Returns every key, the existing one where there was a conflict.
+const CREATE_SUBJECT_KEYS: &str =
+    insert_subject_keys!("DO UPDATE SET subject_digest = excluded.subject_digest");
+/// Returns only the keys it created.
+const CREATE_NEW_SUBJECT_KEYS: &str = insert_subject_keys!("DO NOTHING");
 
 const CREATE_SUBJECT_KEY: &str =
     "INSERT INTO subject_audit.subject_key AS k (subject_digest, salt) VALUES ($1, $2) \
@@ -455,6 +462,7 @@ const PER_SUBJECT_BATCH: usize = 16;
 /// probed first; if at most a quarter of the sample has a key, the batch is
 /// taken for new subjects (see `load_or_create`).
 const NEWNESS_BATCH: usize = 256;
+/// The first this many of them (in digest order, so a random choice).
 const NEWNESS_SAMPLE: usize = 32;
 /// Rows of `subject_key` per 8 kB page (about 110 bytes each), for a table
 /// never analyzed.
@@ -529,7 +537,7 @@ fn load_subject_keys(digests: &[[u8; DIGEST_LEN]]) -> DigestMap<SubjectKey> {
 fn create_unless_existing(
     digests: &[[u8; DIGEST_LEN]],
 ) -> (DigestMap<SubjectKey>, DigestMap<SubjectKey>) {
-    let created = run_subject_key_query(CREATE_NEW_SUBJECT_KEYS, None, new_key_rows(digests));
+    let mut created = run_subject_key_query(CREATE_NEW_SUBJECT_KEYS, None, new_key_rows(digests));
     let skipped: Vec<_> = digests
         .iter()
         .filter(|d| !created.contains_key(*d))
@@ -550,7 +558,6 @@ fn create_unless_existing(
     if gone.is_empty() {
         return (created, existing);
     }
-    let mut created = created;
     created.extend(create_subject_keys(&gone));
     (created, existing)
 }
