@@ -286,11 +286,7 @@ fn load_or_create(missing: &[[u8; DIGEST_LEN]]) -> DigestMap<SubjectKey> {
         .into_iter()
         .map(|(digest, id, salt)| (digest, subject_key(id, salt)))
         .collect();
-    let misses: Vec<_> = missing
-        .iter()
-        .filter(|d| !loaded.contains_key(*d))
-        .copied()
-        .collect();
+    let misses = absent_from(missing, &loaded);
     if misses.is_empty() {
         return loaded;
     }
@@ -318,11 +314,7 @@ fn load_or_create(missing: &[[u8; DIGEST_LEN]]) -> DigestMap<SubjectKey> {
         }
     }
     loaded.extend(read);
-    let new: Vec<_> = misses
-        .iter()
-        .filter(|d| !loaded.contains_key(*d))
-        .copied()
-        .collect();
+    let new = absent_from(&misses, &loaded);
     if !new.is_empty() {
         let created = if mostly_new {
             let (created, existing) = create_unless_existing(&new);
@@ -538,11 +530,7 @@ fn create_unless_existing(
     digests: &[[u8; DIGEST_LEN]],
 ) -> (DigestMap<SubjectKey>, DigestMap<SubjectKey>) {
     let mut created = run_subject_key_query(CREATE_NEW_SUBJECT_KEYS, None, new_key_rows(digests));
-    let skipped: Vec<_> = digests
-        .iter()
-        .filter(|d| !created.contains_key(*d))
-        .copied()
-        .collect();
+    let skipped = absent_from(digests, &created);
     if skipped.is_empty() {
         return (created, DigestMap::default());
     }
@@ -550,16 +538,24 @@ fn create_unless_existing(
     // Skipped but not found: erased by a transaction that committed in
     // between. The general path settles these as it would have without the
     // sample.
-    let gone: Vec<_> = skipped
-        .iter()
-        .filter(|d| !existing.contains_key(*d))
-        .copied()
-        .collect();
+    let gone = absent_from(&skipped, &existing);
     if gone.is_empty() {
         return (created, existing);
     }
     created.extend(create_subject_keys(&gone));
     (created, existing)
+}
+
+/// The digests of `digests` that `keys` has no key for, in their order.
+fn absent_from(
+    digests: &[[u8; DIGEST_LEN]],
+    keys: &DigestMap<SubjectKey>,
+) -> Vec<[u8; DIGEST_LEN]> {
+    digests
+        .iter()
+        .filter(|d| !keys.contains_key(*d))
+        .copied()
+        .collect()
 }
 
 /// The query arguments for new keys: the digests and fresh random salts.
