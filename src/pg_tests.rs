@@ -358,6 +358,43 @@ mod tests {
         );
     }
 
+    #[pg_test]
+    fn a_subject_erased_before_a_bulk_of_new_ones_gets_a_new_key() {
+        install_and_unlock();
+        Spi::run(
+            "CREATE TABLE bulk_erased (id int PRIMARY KEY, token text NOT NULL, note text);
+             SELECT subject_audit.track('bulk_erased', 'token');
+             INSERT INTO bulk_erased VALUES (1, 'person-1', 'before');
+             SELECT subject_audit.forget_subject('person-1');",
+        )
+        .unwrap();
+        // 400 subjects missing from the cache, none with a live key: the
+        // erased subject's insert must not be skipped for its erased key.
+        crate::keyring::forget_cached_subjects();
+        Spi::run(
+            "INSERT INTO bulk_erased SELECT 100 + g, 'person-' || g, 'after' FROM generate_series(1, 400) g",
+        )
+        .unwrap();
+        assert_eq!(
+            one::<i64>("SELECT count(*) FROM subject_audit.subject_key WHERE salt IS NOT NULL"),
+            400
+        );
+        assert_eq!(
+            one::<i64>(
+                "SELECT count(*) FROM subject_audit.subject_key WHERE erased_at IS NOT NULL"
+            ),
+            1
+        );
+        // The old event stays unreadable; the new one is under the new key.
+        assert_eq!(
+            one::<String>(
+                "SELECT string_agg(coalesce(after->>'note', '(erased)'), ',' ORDER BY event_id)
+                 FROM subject_audit.audit_for_subject('person-1') WHERE operation = 'INSERT'"
+            ),
+            "(erased),after"
+        );
+    }
+
     #[pg_test(error = "this public key is already installed as key 1")]
     fn a_key_is_installed_once() {
         Spi::run(
