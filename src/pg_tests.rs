@@ -304,21 +304,30 @@ mod tests {
         assert_eq!(found[0].2, [0xab; 32]);
     }
 
-    #[pg_test]
-    fn a_bulk_of_new_subjects_finds_the_keys_of_the_few_that_have_one() {
+    /// 400 people inserted at once, 5 of whom already have a key: those 5
+    /// are picked by `pick` from the 400 tokens in the order of their
+    /// subject digests (the order in which keys are looked up and created).
+    fn bulk_of_new_subjects_with_five_known(pick: fn(&[String]) -> Vec<String>) {
         install_and_unlock();
         Spi::run(
             "CREATE TABLE bulk_people (id int PRIMARY KEY, token text NOT NULL, note text);
-             SELECT subject_audit.track('bulk_people', 'token');
-             INSERT INTO bulk_people SELECT g, 'person-' || g, 'first' FROM generate_series(1, 5) g;",
+             SELECT subject_audit.track('bulk_people', 'token');",
         )
+        .unwrap();
+        let mut tokens: Vec<String> = (1..=400).map(|g| format!("person-{g}")).collect();
+        tokens.sort_by_key(|t| crate::keyring::subject_digest(t.as_bytes()));
+        let known_tokens = pick(&tokens);
+        Spi::run(&format!(
+            "INSERT INTO bulk_people SELECT g, t, 'first' FROM unnest('{{{}}}'::text[]) WITH ORDINALITY AS u(t, g)",
+            known_tokens.join(",")
+        ))
         .unwrap();
         let known: Vec<i64> = one(
             "SELECT array_agg(subject_key_id ORDER BY subject_key_id) FROM subject_audit.subject_key",
         );
         assert_eq!(known.len(), 5);
         // 400 subjects missing from the backend's cache, 5 of them with a key:
-        // taken for a bulk of new subjects, whose insert skips the 5.
+        // taken for a bulk of new subjects, whose insert finds the 5.
         crate::keyring::forget_cached_subjects();
         Spi::run(
             "INSERT INTO bulk_people SELECT 100 + g, 'person-' || g, 'second' FROM generate_series(1, 400) g",
@@ -342,20 +351,105 @@ mod tests {
                  FROM subject_audit.audit_for_subject('{token}') WHERE operation = 'INSERT'"
             ))
         };
-        assert_eq!(notes("person-3"), "first,second");
-        assert_eq!(notes("person-300"), "second");
+        assert_eq!(notes(&known_tokens[0]), "first,second");
+        let unknown = tokens.iter().find(|t| !known_tokens.contains(t)).unwrap();
+        assert_eq!(notes(unknown), "second");
         // 400 subjects missing from the cache, all with a key: probed, none created.
         crate::keyring::forget_cached_subjects();
         Spi::run("UPDATE bulk_people SET note = 'third' WHERE id > 100").unwrap();
         assert_eq!(one::<i64>(live_keys), 400);
         assert_eq!(one::<i64>(&on_known_keys), 15);
         assert_eq!(
-            one::<String>(
+            one::<String>(&format!(
                 "SELECT string_agg(after->>'note', ',' ORDER BY event_id)
-                 FROM subject_audit.audit_for_subject('person-300')"
-            ),
+                 FROM subject_audit.audit_for_subject('{unknown}')"
+            )),
             "second,third"
         );
+    }
+
+    #[pg_test]
+    fn a_bulk_of_new_subjects_finds_the_keys_of_a_few_in_the_sample() {
+        // The first in digest order is in the sample that is probed: the
+        // insert skips the subjects with a key (ON CONFLICT DO NOTHING).
+        bulk_of_new_subjects_with_five_known(|tokens| {
+            [0, 100, 200, 300, 399].map(|i| tokens[i].clone()).to_vec()
+        });
+    }
+
+    #[pg_test]
+    fn a_bulk_of_new_subjects_finds_the_keys_of_a_few_outside_the_sample() {
+        // None of the sample has a key: the insert without ON CONFLICT fails
+        // on the 5, is undone, and the batch goes the way above.
+        bulk_of_new_subjects_with_five_known(|tokens| tokens[395..].to_vec());
+    }
+
+    #[pg_test]
+    fn bulks_of_new_subjects_take_at_most_32_subtransactions_per_transaction() {
+        install_and_unlock();
+        Spi::run(
+            "CREATE TABLE bulk_batches (id int PRIMARY KEY, token text NOT NULL);
+             SELECT subject_audit.track('bulk_batches', 'token');",
+        )
+        .unwrap();
+        for batch in 0..34 {
+            Spi::run(&format!(
+                "INSERT INTO bulk_batches SELECT g, 'person-' || g FROM generate_series({}, {}) g",
+                batch * 256 + 1,
+                batch * 256 + 256
+            ))
+            .unwrap();
+        }
+        assert_eq!(
+            one::<i64>("SELECT count(*) FROM subject_audit.subject_key"),
+            34 * 256
+        );
+        // Keys created in a subtransaction carry its id: 32 of them, and the
+        // transaction's own for the last two batches.
+        assert_eq!(
+            one::<i64>("SELECT count(DISTINCT xmin::text) FROM subject_audit.subject_key"),
+            33
+        );
+    }
+
+    #[pg_test]
+    fn a_subtransaction_undoes_what_failed_and_restores_role_and_search_path() {
+        use crate::store::{as_owner, unless_error};
+        use pgrx::PgSqlErrorCode::*;
+        Spi::run(
+            "CREATE TABLE sub (v int PRIMARY KEY); SET LOCAL search_path = public, pg_catalog",
+        )
+        .unwrap();
+        let count = || one::<i64>("SELECT count(*) FROM sub");
+        let restricted = || unsafe { pg_sys::InSecurityRestrictedOperation() };
+        let kept = unless_error(ERRCODE_UNIQUE_VIOLATION, || {
+            Spi::run("INSERT INTO sub VALUES (1)").unwrap()
+        });
+        assert!(kept.is_some());
+        // The error named: undone, None, and what the failed work had set
+        // (the owner's restricted context, its search_path) is back.
+        let undone = unless_error(ERRCODE_UNIQUE_VIOLATION, || {
+            as_owner(|| Spi::run("INSERT INTO public.sub VALUES (2), (1)").unwrap())
+        });
+        assert!(undone.is_none());
+        assert_eq!(count(), 1);
+        assert!(!restricted());
+        assert_eq!(one::<String>("SHOW search_path"), "public, pg_catalog");
+        // Any other error: undone too, and raised.
+        let raised = PgTryBuilder::new(|| {
+            unless_error(ERRCODE_UNIQUE_VIOLATION, || {
+                as_owner(|| Spi::run("INSERT INTO public.sub VALUES (3); SELECT 1 / 0").unwrap())
+            })
+            .map(|_| "not raised")
+        })
+        .catch_when(ERRCODE_DIVISION_BY_ZERO, |_| Some("raised"))
+        .execute();
+        assert_eq!(raised, Some("raised"));
+        assert_eq!(count(), 1);
+        assert!(!restricted());
+        assert_eq!(unsafe { pg_sys::GetCurrentTransactionNestLevel() }, 1);
+        Spi::run("INSERT INTO sub VALUES (4)").unwrap();
+        assert_eq!(count(), 2);
     }
 
     #[pg_test]

@@ -57,7 +57,16 @@ struct WriterState {
     erased: Vec<([u8; DIGEST_LEN], pg_sys::SubTransactionId)>,
     /// Where they are evicted from, if there is a shared cache.
     erased_scope: Option<shared::Scope>,
+    /// Subtransactions this transaction has begun for keys inserted without
+    /// ON CONFLICT (see `create_unless_existing`).
+    subtransactions: usize,
 }
+
+/// At most this many subtransactions per transaction for keys inserted
+/// without ON CONFLICT: each takes a subtransaction id, and a backend
+/// running more than 64 of them at once (`PGPROC_MAX_CACHED_SUBXIDS`)
+/// makes every other session's snapshot check pg_subtrans.
+const MAX_SUBTRANSACTIONS: usize = 32;
 
 /// At most this many created keys wait for the shared cache per transaction
 /// (a bulk load creates more than it can hold anyway).
@@ -313,11 +322,12 @@ fn load_or_create(missing: &[[u8; DIGEST_LEN]]) -> DigestMap<SubjectKey> {
             );
         }
     }
+    let none_sampled = read.is_empty();
     loaded.extend(read);
     let new = absent_from(&misses, &loaded);
     if !new.is_empty() {
         let created = if mostly_new {
-            let (created, existing) = create_unless_existing(&new);
+            let (created, existing) = create_unless_existing(&new, none_sampled);
             loaded.extend(existing);
             created
         } else {
@@ -419,14 +429,13 @@ const LOAD_SUBJECT_KEYS: &str = "SELECT k.subject_digest, k.subject_key_id, k.sa
      FROM subject_audit.subject_key k \
      WHERE k.subject_digest OPERATOR(pg_catalog.=) ANY ($1) AND k.erased_at IS NULL";
 
-/// Keys for the digests and salts in two arrays; what a conflict with a
-/// live key does is the argument.
+/// Keys for the digests and salts in two arrays; the argument is the ON
+/// CONFLICT clause (none: a subject with a live key is a unique violation).
 macro_rules! insert_subject_keys {
     ($on_conflict:literal) => {
         concat!(
             "INSERT INTO subject_audit.subject_key AS k (subject_digest, salt) \
-             SELECT d, s FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.bytea[]), pg_catalog.unnest($2::pg_catalog.bytea[])) AS u(d, s) \
-             ON CONFLICT (subject_digest, erased_at) ",
+             SELECT d, s FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.bytea[]), pg_catalog.unnest($2::pg_catalog.bytea[])) AS u(d, s) ",
             $on_conflict,
             " RETURNING k.subject_digest, k.subject_key_id, k.salt"
         )
@@ -434,10 +443,14 @@ macro_rules! insert_subject_keys {
 }
 
 /// Returns every key, the existing one where there was a conflict.
-const CREATE_SUBJECT_KEYS: &str =
-    insert_subject_keys!("DO UPDATE SET subject_digest = excluded.subject_digest");
+const CREATE_SUBJECT_KEYS: &str = insert_subject_keys!(
+    "ON CONFLICT (subject_digest, erased_at) DO UPDATE SET subject_digest = excluded.subject_digest"
+);
 /// Returns only the keys it created.
-const CREATE_NEW_SUBJECT_KEYS: &str = insert_subject_keys!("DO NOTHING");
+const CREATE_NEW_SUBJECT_KEYS: &str =
+    insert_subject_keys!("ON CONFLICT (subject_digest, erased_at) DO NOTHING");
+/// Fails (unique violation) if any of the subjects has a live key.
+const CREATE_ALL_SUBJECT_KEYS: &str = insert_subject_keys!("");
 
 const CREATE_SUBJECT_KEY: &str =
     "INSERT INTO subject_audit.subject_key AS k (subject_digest, salt) VALUES ($1, $2) \
@@ -526,9 +539,30 @@ fn load_subject_keys(digests: &[[u8; DIGEST_LEN]]) -> DigestMap<SubjectKey> {
 /// Creates keys for `digests` that have no live key, and reads the keys of
 /// those that have one (the insert skips them, having found them in the
 /// index): returns (created, existing).
+///
+/// If none of the sample had a key (`none_sampled`), most likely none of
+/// them has: keys for all are inserted first without ON CONFLICT, whose
+/// check and speculative insertion of each row take half the insert's
+/// time. In a subtransaction, undone if some subject had a key after all
+/// (up to `MAX_SUBTRANSACTIONS` times per transaction).
 fn create_unless_existing(
     digests: &[[u8; DIGEST_LEN]],
+    none_sampled: bool,
 ) -> (DigestMap<SubjectKey>, DigestMap<SubjectKey>) {
+    let subtransaction = none_sampled
+        && WRITER.with(|w| {
+            let mut w = w.borrow_mut();
+            w.subtransactions += 1;
+            w.subtransactions <= MAX_SUBTRANSACTIONS
+        });
+    if subtransaction {
+        let all = store::unless_error(ERRCODE_UNIQUE_VIOLATION, || {
+            run_subject_key_query(CREATE_ALL_SUBJECT_KEYS, None, new_key_rows(digests))
+        });
+        if let Some(created) = all {
+            return (created, DigestMap::default());
+        }
+    }
     let mut created = run_subject_key_query(CREATE_NEW_SUBJECT_KEYS, None, new_key_rows(digests));
     let skipped = absent_from(digests, &created);
     if skipped.is_empty() {
@@ -616,6 +650,7 @@ pub(super) fn on_commit() {
             c.since = None;
         }
         w.pending_subjects.clear();
+        w.subtransactions = 0;
     });
 }
 
@@ -635,6 +670,7 @@ pub(super) fn on_abort(subid: pg_sys::SubTransactionId) {
             w.created = None;
             w.erased.clear();
             w.erased_scope = None;
+            w.subtransactions = 0;
         } else {
             if let Some(created) = w.created.as_mut() {
                 created.keys.retain(|(_, _, since)| *since < subid);

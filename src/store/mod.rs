@@ -289,6 +289,41 @@ pub fn probe_live_subject_keys(digests: &[[u8; 32]]) -> Vec<([u8; 32], i64, [u8;
     found
 }
 
+/// Runs `f` in a subtransaction of its own, as a PL/pgSQL block with an
+/// EXCEPTION clause does: if `f` fails with the error `code`, what it did is
+/// undone and `None` returned; any other error undoes it too and goes on up.
+pub fn unless_error<R>(code: pgrx::PgSqlErrorCode, f: impl FnOnce() -> R) -> Option<R> {
+    unsafe {
+        let context = pg_sys::CurrentMemoryContext;
+        let owner = pg_sys::CurrentResourceOwner;
+        let restore = move || {
+            pg_sys::MemoryContextSwitchTo(context);
+            pg_sys::CurrentResourceOwner = owner;
+        };
+        pg_sys::BeginInternalSubTransaction(std::ptr::null());
+        pg_sys::MemoryContextSwitchTo(context);
+        pgrx::PgTryBuilder::new(std::panic::AssertUnwindSafe(|| {
+            let result = f();
+            pg_sys::ReleaseCurrentSubTransaction();
+            restore();
+            Some(result)
+        }))
+        .catch_when(code, |_| {
+            pg_sys::MemoryContextSwitchTo(context);
+            pg_sys::RollbackAndReleaseCurrentSubTransaction();
+            restore();
+            None
+        })
+        .catch_others(|e| {
+            pg_sys::MemoryContextSwitchTo(context);
+            pg_sys::RollbackAndReleaseCurrentSubTransaction();
+            restore();
+            e.rethrow()
+        })
+        .execute()
+    }
+}
+
 /// Reads the relcache entry of `relid` (no lock taken), if it exists.
 pub fn with_relation<R>(relid: Oid, read: impl FnOnce(&pg_sys::RelationData) -> R) -> Option<R> {
     unsafe {
