@@ -339,6 +339,11 @@ mod tests {
             one::<i64>("SELECT count(DISTINCT subject_digest) FROM subject_audit.subject_key"),
             400
         );
+        // All keys are the transaction's own: no subtransaction of ours stood.
+        assert_eq!(
+            one::<i64>("SELECT count(DISTINCT xmin::text) FROM subject_audit.subject_key"),
+            1
+        );
         let on_known_keys = format!(
             "SELECT count(*) FROM subject_audit.events WHERE operation <> 'READ' AND event_id IN
              (SELECT event_id FROM subject_audit.event WHERE subject_key_id = ANY ('{{{}}}'::bigint[]))",
@@ -478,6 +483,12 @@ mod tests {
                 "SELECT count(*) FROM subject_audit.subject_key WHERE erased_at IS NOT NULL"
             ),
             1
+        );
+        // The 400 keys were inserted without ON CONFLICT, in a subtransaction
+        // (its id on them), which stood: none of the sample had a key.
+        assert_eq!(
+            one::<i64>("SELECT count(DISTINCT xmin::text) FROM subject_audit.subject_key"),
+            2
         );
         // The old event stays unreadable; the new one is under the new key.
         assert_eq!(

@@ -63,9 +63,10 @@ struct WriterState {
 }
 
 /// At most this many subtransactions per transaction for keys inserted
-/// without ON CONFLICT: each takes a subtransaction id, and a backend
-/// running more than 64 of them at once (`PGPROC_MAX_CACHED_SUBXIDS`)
-/// makes every other session's snapshot check pg_subtrans.
+/// without ON CONFLICT: each that stands keeps its subtransaction id in the
+/// backend's cache until the transaction ends, and past 64 of them
+/// (`PGPROC_MAX_CACHED_SUBXIDS`) snapshots taken meanwhile, every session's,
+/// must look transaction ids up in pg_subtrans.
 const MAX_SUBTRANSACTIONS: usize = 32;
 
 /// At most this many created keys wait for the shared cache per transaction

@@ -238,6 +238,11 @@ pub fn settle_unreported() {
 pub unsafe extern "C-unwind" fn note_error_code(arg: *mut std::ffi::c_void) {
     let id = arg as usize as u64;
     let code = pg_sys::geterrcode();
+    // Our own, caught and undone where it was raised (a key insert's unique
+    // violation): it fails nothing.
+    if store::is_caught_here(code) {
+        return;
+    }
     let sqlstate = CStr::from_ptr(pg_sys::unpack_sql_state(code))
         .to_string_lossy()
         .into_owned();

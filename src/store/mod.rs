@@ -289,10 +289,30 @@ pub fn probe_live_subject_keys(digests: &[[u8; 32]]) -> Vec<([u8; 32], i64, [u8;
     found
 }
 
+thread_local! {
+    /// The SQLSTATE (packed) that `unless_error` is catching right now.
+    static CAUGHT_HERE: Cell<Option<i32>> = const { Cell::new(None) };
+}
+
+/// Whether an error with SQLSTATE `code` (packed, as `geterrcode()` gives
+/// it) raised now will be caught and undone by `unless_error`: it fails no
+/// statement, though the error context callbacks of the statements around
+/// still see it.
+pub fn is_caught_here(code: i32) -> bool {
+    CAUGHT_HERE.with(|c| c.get() == Some(code))
+}
+
 /// Runs `f` in a subtransaction of its own, as a PL/pgSQL block with an
 /// EXCEPTION clause does: if `f` fails with the error `code`, what it did is
 /// undone and `None` returned; any other error undoes it too and goes on up.
 pub fn unless_error<R>(code: pgrx::PgSqlErrorCode, f: impl FnOnce() -> R) -> Option<R> {
+    struct Catching(Option<i32>);
+    impl Drop for Catching {
+        fn drop(&mut self) {
+            CAUGHT_HERE.with(|c| c.set(self.0));
+        }
+    }
+    let _catching = Catching(CAUGHT_HERE.with(|c| c.replace(Some(code as i32))));
     unsafe {
         let context = pg_sys::CurrentMemoryContext;
         let owner = pg_sys::CurrentResourceOwner;
