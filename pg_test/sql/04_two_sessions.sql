@@ -42,9 +42,10 @@ SELECT subject_audit.unlock(:'sk1');
 SELECT event_id, operation, changed_columns, before, after FROM subject_audit.audit_for_subject('m1');
 
 -- Two sessions bringing in the same 300 new people at once (a bulk of new
--- subjects: the insert of their keys skips those that exist). The writer's
--- insert waits for this transaction's new keys; once they commit, it uses
--- them: one live key per person, and both sessions' events under it.
+-- subjects: their keys are inserted without ON CONFLICT, undone if some
+-- exist, then with ON CONFLICT, which skips those). The writer's insert
+-- waits for this transaction's new keys; once they commit, it uses them:
+-- one live key per person, and both sessions' events under it.
 CREATE TABLE people (id int PRIMARY KEY, person text NOT NULL, note text);
 SELECT subject_audit.track('people', 'person');
 GRANT SELECT, INSERT ON people TO writer;
