@@ -14,12 +14,13 @@ REVOKE ALL ON ALL FUNCTIONS IN SCHEMA subject_audit FROM PUBLIC;
 -- time.
 DO $$
 DECLARE
-    f regprocedure;
+    f pg_catalog.regprocedure;
 BEGIN
     FOR f IN SELECT p.oid::regprocedure FROM pg_catalog.pg_proc p
-             WHERE p.pronamespace = 'subject_audit'::regnamespace AND p.proname OPERATOR(pg_catalog.<>) 'capture_change'
+             WHERE p.pronamespace OPERATOR(pg_catalog.=) 'subject_audit'::pg_catalog.regnamespace
+               AND p.proname OPERATOR(pg_catalog.<>) 'capture_change'
     LOOP
-        EXECUTE format('ALTER FUNCTION %s SET search_path = pg_catalog, pg_temp', f);
+        EXECUTE pg_catalog.format('ALTER FUNCTION %s SET search_path = pg_catalog, pg_temp', f);
     END LOOP;
 END
 $$;

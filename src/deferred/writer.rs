@@ -92,21 +92,15 @@ pub extern "C-unwind" fn pg_subject_audit_writer_main(arg: pg_sys::Datum) {
     // However this process ends (a FATAL too), its slot must not keep
     // naming it, or no writer would start for this database again.
     unsafe { pg_sys::before_shmem_exit(Some(detach_on_exit), pg_sys::Datum::from(database)) };
-    let set = |name: &std::ffi::CStr, value: &std::ffi::CStr| unsafe {
-        pg_sys::SetConfigOption(
-            name.as_ptr(),
-            value.as_ptr(),
-            pg_sys::GucContext::PGC_SUSET,
-            pg_sys::GucSource::PGC_S_OVERRIDE,
-        );
-    };
-    // Nobody waits for these commits; the queue itself does not survive a
-    // crash either. WAL is still written and flushed within moments.
-    set(c"synchronous_commit", c"off");
-    // A subject key another transaction is creating (uncommitted) would
-    // block the writer for as long as that transaction lives: such an
-    // entry is retried later instead.
-    set(c"lock_timeout", c"200ms");
+    store::pin_worker_settings(&[
+        // Nobody waits for these commits; the queue itself does not survive a
+        // crash either. WAL is still written and flushed within moments.
+        (c"synchronous_commit", c"off"),
+        // A subject key another transaction is creating (uncommitted) would
+        // block the writer for as long as that transaction lives: such an
+        // entry is retried later instead.
+        (c"lock_timeout", c"200ms"),
+    ]);
     let mut idle_since = Instant::now();
     // Set when asked to stop (shutdown): what is queued is still written, for a while.
     let mut stopping: Option<Instant> = None;
@@ -215,8 +209,7 @@ fn in_transaction(f: impl FnOnce()) -> Outcome {
         pg_sys::SetCurrentStatementStartTimestamp();
         pg_sys::StartTransactionCommand();
         pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
-        let installed =
-            pg_sys::get_extension_oid(c"pg_subject_audit".as_ptr(), true) != pg_sys::InvalidOid;
+        let installed = store::extension_installed();
         if installed {
             f();
         }

@@ -348,7 +348,7 @@ fn block_events(
     let mut leaves = Vec::with_capacity(block.event_count.max(0) as usize);
     let mut cursor = client.open_cursor(
         &format!(
-            "SELECT e.event_id, e.at, e.txid, {LABEL_COLUMNS}, NULLIF(e.title, ''), e.subject_key_id, e.context_id, \
+            "SELECT e.event_id, e.at, e.txid, {LABEL_COLUMNS}, CASE WHEN e.title OPERATOR(pg_catalog.<>) '' THEN e.title END, e.subject_key_id, e.context_id, \
              e.nonce, e.payload, e.row_hash, k.subject_digest, l.label_id \
              FROM subject_audit.event e \
              LEFT JOIN subject_audit.event_label l ON l.label_id OPERATOR(pg_catalog.=) e.label_id \

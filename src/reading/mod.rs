@@ -160,7 +160,8 @@ macro_rules! subject_events_where {
     ($condition:literal) => {
         concat!(
             "SELECT e.event_id, e.at, l.operation, \
-     coalesce(NULLIF(e.title, ''), pg_catalog.lower(l.operation) OPERATOR(pg_catalog.||) ' ' OPERATOR(pg_catalog.||) l.table_name), \
+     CASE WHEN e.title OPERATOR(pg_catalog.<>) '' THEN e.title \
+     ELSE pg_catalog.lower(l.operation) OPERATOR(pg_catalog.||) ' ' OPERATOR(pg_catalog.||) l.table_name END, \
      l.status, l.actor, l.table_name, l.changed_columns, e.subject_key_id, e.context_id, \
      e.nonce, e.payload, k.salt, c.key_id, c.encapsulated_key, \
      l.sqlstate, l.db_role, l.session_role, l.application_name, pg_catalog.host(l.client_addr), e.txid, \
