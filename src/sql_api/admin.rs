@@ -3,11 +3,25 @@
 //! sealed into the ledger like the rest.
 
 use pgrx::prelude::*;
-
 use pgrx::PgSqlErrorCode::*;
+use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting};
 
 use crate::recorder::{self, Draft, Header, StatementContext, Subject};
 use crate::store::{self, error::raise_with_hint};
+
+static REQUIRE_RECORDED_READS: GucSetting<bool> = GucSetting::<bool>::new(false);
+
+/// Defines `subject_audit.require_recorded_reads` (read by name where needed).
+pub fn init() {
+    GucRegistry::define_bool_guc(
+        c"subject_audit.require_recorded_reads",
+        c"Refuse reads of a trail that cannot be recorded (read-only transaction, hot standby).",
+        c"Off: such reads work, with a NOTICE that they went unrecorded. Superuser-only, so set it per role or database for readers.",
+        &REQUIRE_RECORDED_READS,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+}
 
 /// Why no event can be written here, if none can.
 pub fn read_only_reason() -> Option<&'static str> {

@@ -57,6 +57,9 @@ fn install_public_key(public_key: Option<&[u8]>) -> i32 {
 /// Adds a private key to this session's keyring; returns how many keys it holds.
 #[pg_extern(volatile, parallel_unsafe)]
 fn unlock(private_key: Option<&[u8]>) -> i32 {
+    // First: whatever fails below, this statement's log lines and activity
+    // must not show the key (it may have come through a wrapper function).
+    keyring::note_key_statement();
     let private_key = super::required(private_key, "private_key");
     if let Some(why) = admin::read_only_reason() {
         admin::refuse_unrecorded("unlock", why);
