@@ -47,11 +47,16 @@ pub(super) fn init() {
     }
 }
 
-/// The rule on statement text.
+/// The rule on statement text. Runs on every statement: only a `u` or an
+/// `s` starts a comparison.
 pub(super) fn carries_key(text: &[u8]) -> bool {
-    [b"unlock".as_slice(), b"session_key"].iter().any(|word| {
-        text.windows(word.len())
-            .any(|window| window.eq_ignore_ascii_case(word))
+    const WORDS: [&[u8]; 2] = [b"unlock", b"session_key"];
+    text.iter().enumerate().any(|(at, &byte)| {
+        matches!(byte | 0x20, b'u' | b's')
+            && WORDS.iter().any(|word| {
+                text.get(at..at + word.len())
+                    .is_some_and(|window| window.eq_ignore_ascii_case(word))
+            })
     })
 }
 
@@ -119,7 +124,7 @@ unsafe fn logging_key_statement(edata: *mut pg_sys::ErrorData) -> bool {
     let Some(text) = current_statement() else {
         return false;
     };
-    if carries_key(text) || MARKED.with(Cell::get) == Some(digest(text)) {
+    if carries_key(text) || MARKED.with(Cell::get).is_some_and(|m| m == digest(text)) {
         return true;
     }
     // `statement: EXECUTE name(…)` is logged before it is parsed; its
@@ -262,6 +267,8 @@ mod tests {
         assert!(!carries_key(b"SELECT subject_audit.lock()"));
         assert!(!carries_key(b"SELECT 1"));
         assert!(!carries_key(b""));
+        assert!(!carries_key(b"unloc"));
+        assert!(carries_key(b"x;UnLock"));
     }
 
     #[test]
