@@ -1,5 +1,8 @@
 -- pg_subject_audit: storage. Nothing here holds personal plaintext: payloads
 -- are AES-256-GCM ciphertext, subjects are keyed digests.
+-- Functions and operators are schema-qualified, as in every query of the
+-- extension: names here are resolved once, as this script runs, and no object
+-- of another schema on the script's path may stand in for a built-in.
 
 -- One row: the secret that keys subject digests (HMAC-SHA256). Readable only
 -- by the extension owner; the extension's functions use it on the caller's behalf.
@@ -7,16 +10,16 @@
 -- brings the original one back into a fresh CREATE EXTENSION.
 CREATE TABLE subject_audit.installation (
     singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),
-    subject_secret bytea NOT NULL CHECK (length(subject_secret) = 32),
-    created_at timestamptz NOT NULL DEFAULT now()
+    subject_secret bytea NOT NULL CHECK (pg_catalog.length(subject_secret) OPERATOR(pg_catalog.=) 32),
+    created_at timestamptz NOT NULL DEFAULT pg_catalog.now()
 );
 
 -- Reader public keys (X25519). The active writer key is the newest one not retired.
 CREATE SEQUENCE subject_audit.writer_key_key_id_seq AS integer;
 CREATE TABLE subject_audit.writer_key (
-    key_id integer PRIMARY KEY DEFAULT nextval('subject_audit.writer_key_key_id_seq'),
-    public_key bytea NOT NULL UNIQUE CHECK (length(public_key) = 32),
-    installed_at timestamptz NOT NULL DEFAULT now(),
+    key_id integer PRIMARY KEY DEFAULT pg_catalog.nextval('subject_audit.writer_key_key_id_seq'::pg_catalog.regclass),
+    public_key bytea NOT NULL UNIQUE CHECK (pg_catalog.length(public_key) OPERATOR(pg_catalog.=) 32),
+    installed_at timestamptz NOT NULL DEFAULT pg_catalog.now(),
     installed_by name NOT NULL DEFAULT session_user,
     retired_at timestamptz
 );
@@ -28,10 +31,10 @@ CREATE TABLE subject_audit.writer_key (
 -- parallel, in any order (only the extension writes them, and never deletes).
 CREATE SEQUENCE subject_audit.writer_context_context_id_seq AS bigint;
 CREATE TABLE subject_audit.writer_context (
-    context_id bigint PRIMARY KEY DEFAULT nextval('subject_audit.writer_context_context_id_seq'),
+    context_id bigint PRIMARY KEY DEFAULT pg_catalog.nextval('subject_audit.writer_context_context_id_seq'::pg_catalog.regclass),
     key_id integer NOT NULL,
     encapsulated_key bytea NOT NULL,
-    created_at timestamptz NOT NULL DEFAULT now()
+    created_at timestamptz NOT NULL DEFAULT pg_catalog.now()
 );
 
 -- Per-subject random salts: the HPKE exporter context of each subject's data
@@ -39,11 +42,11 @@ CREATE TABLE subject_audit.writer_context (
 -- for the same token starts a new subject key.
 CREATE SEQUENCE subject_audit.subject_key_subject_key_id_seq AS bigint;
 CREATE TABLE subject_audit.subject_key (
-    subject_key_id bigint PRIMARY KEY DEFAULT nextval('subject_audit.subject_key_subject_key_id_seq'),
+    subject_key_id bigint PRIMARY KEY DEFAULT pg_catalog.nextval('subject_audit.subject_key_subject_key_id_seq'::pg_catalog.regclass),
     subject_digest bytea NOT NULL,
-    salt bytea CHECK (length(salt) = 32),
+    salt bytea CHECK (pg_catalog.length(salt) OPERATOR(pg_catalog.=) 32),
     erased_at timestamptz,
-    CHECK ((salt IS NULL) = (erased_at IS NOT NULL))
+    CHECK ((salt IS NULL) OPERATOR(pg_catalog.=) (erased_at IS NOT NULL))
 );
 -- One index serves every lookup: a subject's live key (erased_at NULL, at most
 -- one: NULLS NOT DISTINCT) and all its keys (the digest prefix).
@@ -53,7 +56,7 @@ CREATE TABLE subject_audit.tracked_table (
     relid regclass PRIMARY KEY,
     subject_attnum smallint NOT NULL,
     exclude_attnums smallint[] NOT NULL DEFAULT '{}',
-    since timestamptz NOT NULL DEFAULT now()
+    since timestamptz NOT NULL DEFAULT pg_catalog.now()
 );
 
 CREATE SEQUENCE subject_audit.event_event_id_seq AS bigint;
@@ -66,7 +69,7 @@ CREATE SEQUENCE subject_audit.event_event_id_seq AS bigint;
 -- (harmless: events hash the label's fields, not its id).
 CREATE SEQUENCE subject_audit.event_label_label_id_seq AS integer;
 CREATE TABLE subject_audit.event_label (
-    label_id integer PRIMARY KEY DEFAULT nextval('subject_audit.event_label_label_id_seq'),
+    label_id integer PRIMARY KEY DEFAULT pg_catalog.nextval('subject_audit.event_label_label_id_seq'::pg_catalog.regclass),
     label_digest bytea NOT NULL,
     operation text NOT NULL,
     status text NOT NULL,
@@ -84,7 +87,7 @@ CREATE INDEX event_label_digest ON subject_audit.event_label (label_digest);
 -- One row per event. Column order matters: capture writes tuples directly
 -- (fixed-width columns first, so no alignment padding).
 CREATE TABLE subject_audit.event (
-    event_id bigint PRIMARY KEY DEFAULT nextval('subject_audit.event_event_id_seq'),
+    event_id bigint PRIMARY KEY DEFAULT pg_catalog.nextval('subject_audit.event_event_id_seq'::pg_catalog.regclass),
     at timestamptz NOT NULL,
     txid bigint NOT NULL,           -- top-level transaction id (epoch-extended)
     subject_key_id bigint,
@@ -125,7 +128,7 @@ CREATE TABLE subject_audit.block (
     merkle_root bytea NOT NULL,
     previous_hash bytea NOT NULL,
     block_hash bytea NOT NULL,
-    sealed_at timestamptz NOT NULL DEFAULT now()
+    sealed_at timestamptz NOT NULL DEFAULT pg_catalog.now()
 );
 
 -- Append-only, for every role including the owner: events and blocks are
@@ -149,11 +152,13 @@ CREATE VIEW subject_audit.tracked AS
 SELECT t.relid AS table_name,
        a.attname AS subject_column,
        ARRAY(SELECT x.attname FROM pg_catalog.pg_attribute x
-             WHERE x.attrelid = t.relid AND x.attnum = ANY (t.exclude_attnums)
-             ORDER BY x.attnum)::name[] AS exclude_columns,
+             WHERE x.attrelid OPERATOR(pg_catalog.=) t.relid
+               AND x.attnum OPERATOR(pg_catalog.=) ANY (t.exclude_attnums)
+             ORDER BY x.attnum)::pg_catalog.name[] AS exclude_columns,
        t.since
 FROM subject_audit.tracked_table t
-LEFT JOIN pg_catalog.pg_attribute a ON a.attrelid = t.relid AND a.attnum = t.subject_attnum;
+LEFT JOIN pg_catalog.pg_attribute a
+    ON a.attrelid OPERATOR(pg_catalog.=) t.relid AND a.attnum OPERATOR(pg_catalog.=) t.subject_attnum;
 
 -- Reporting without a key: metadata only. subject_ref is a short pseudonym
 -- (the first 48 bits of the keyed digest), not the token.
@@ -162,27 +167,28 @@ SELECT e.event_id,
        e.at,
        l.table_name,
        l.operation,
-       coalesce(nullif(e.title, ''), lower(l.operation) || ' ' || l.table_name) AS title,
+       CASE WHEN e.title OPERATOR(pg_catalog.<>) '' THEN e.title
+            ELSE pg_catalog.lower(l.operation) OPERATOR(pg_catalog.||) ' ' OPERATOR(pg_catalog.||) l.table_name END AS title,
        l.status,
        l.sqlstate,
        l.actor,
        l.changed_columns,
-       substr(encode(k.subject_digest, 'hex'), 1, 12) AS subject_ref
+       pg_catalog.substr(pg_catalog.encode(k.subject_digest, 'hex'), 1, 12) AS subject_ref
 FROM subject_audit.event e
-LEFT JOIN subject_audit.event_label l USING (label_id)
-LEFT JOIN subject_audit.subject_key k USING (subject_key_id);
+LEFT JOIN subject_audit.event_label l ON l.label_id OPERATOR(pg_catalog.=) e.label_id
+LEFT JOIN subject_audit.subject_key k ON k.subject_key_id OPERATOR(pg_catalog.=) e.subject_key_id;
 
 -- Reporting without a key: events per day (in the session's time zone),
 -- table, operation and status, and how many distinct subjects they touched.
 CREATE VIEW subject_audit.activity AS
-SELECT e.at::date AS day,
+SELECT e.at::pg_catalog.date AS day,
        l.table_name,
        l.operation,
        l.status,
-       count(*) AS events,
-       count(DISTINCT e.subject_key_id) AS subjects
+       pg_catalog.count(*) AS events,
+       pg_catalog.count(DISTINCT e.subject_key_id) AS subjects
 FROM subject_audit.event e
-LEFT JOIN subject_audit.event_label l USING (label_id)
+LEFT JOIN subject_audit.event_label l ON l.label_id OPERATOR(pg_catalog.=) e.label_id
 GROUP BY 1, 2, 3, 4
 ORDER BY 1, 2, 3, 4;
 
