@@ -85,9 +85,12 @@ $$;
 SELECT count(*) AS operators FROM pg_operator WHERE oprnamespace::regnamespace::text IN ('public', 'esc_owner', 'postgres');
 ALTER DATABASE :"DBNAME" SET search_path = "$user", public, pg_catalog;
 ALTER ROLE esc_owner IN DATABASE :"DBNAME" SET search_path = "$user", public, pg_catalog;
+-- And every transaction in this database read-only, which would stop the workers' writes.
+ALTER DATABASE :"DBNAME" SET default_transaction_read_only = on;
 -- The traps are live: in the attacker's own session, with its own rights.
 \c - esc_owner
 SHOW search_path;
+SET default_transaction_read_only = off;
 TRUNCATE trap_log;
 SELECT 'a'::name = 'a'::name AS equal;
 SELECT trap, ran_as FROM trap_log;
@@ -96,6 +99,7 @@ TRUNCATE trap_log;
 -- @restart
 -- The sealer now runs in this database, which tells it search_path = "$user", public, pg_catalog.
 \c - esc_owner
+SET default_transaction_read_only = off;
 -- The attacker's session runs the extension's capture (as the audit schema's
 -- owner), a failed change and a read (queued for the deferred writer).
 INSERT INTO people VALUES (1, 't-1', 'one@example.com'), (2, 't-2', 'two@example.com');
@@ -104,6 +108,7 @@ INSERT INTO people VALUES (3, 't-3', 'two@example.com');
 SELECT token FROM people ORDER BY id;
 \c - postgres
 SET search_path = pg_catalog, pg_temp;
+SET default_transaction_read_only = off;
 SELECT subject_audit.wait_for_writer();
 DO $$
 BEGIN
