@@ -4,6 +4,22 @@
 -- extension: names here are resolved once, as this script runs, and no object
 -- of another schema on the script's path may stand in for a built-in.
 
+-- The schema must be the extension's own. CREATE EXTENSION takes one that
+-- exists already: created beforehand by a role that is no superuser (say the
+-- database's owner), its owner could add functions to it (an unlock(text)
+-- that a caller's literal key would reach before ours) and grant them to all.
+DO $$
+BEGIN
+    IF NOT (SELECT r.rolsuper FROM pg_catalog.pg_namespace n
+            JOIN pg_catalog.pg_roles r ON r.oid OPERATOR(pg_catalog.=) n.nspowner
+            WHERE n.nspname OPERATOR(pg_catalog.=) 'subject_audit') THEN
+        RAISE EXCEPTION 'schema subject_audit exists and is owned by a role that is not a superuser'
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'Drop it, or make a superuser its owner, before CREATE EXTENSION pg_subject_audit.';
+    END IF;
+END
+$$;
+
 -- One row: the secret that keys subject digests (HMAC-SHA256). Readable only
 -- by the extension owner; the extension's functions use it on the caller's behalf.
 -- Created (from the OS random source) on first use, not here: pg_restore

@@ -123,6 +123,19 @@ SELECT backend_type FROM pg_stat_activity WHERE backend_type = 'pg_subject_audit
 -- No trap ran with rights other than the attacker's own; it is no superuser.
 SELECT DISTINCT trap, ran_as FROM public.trap_log WHERE ran_as <> 'esc_owner' ORDER BY 1, 2;
 SELECT rolsuper FROM pg_roles WHERE rolname = 'esc_owner';
+-- A database owner may also create the schema subject_audit before the
+-- extension is installed: owning it, it could add functions there (an
+-- unlock(text) that a caller's literal key would reach before ours) and
+-- grant them to all. Such a schema is refused.
+CREATE DATABASE esc_preinstalled OWNER esc_owner;
+\c esc_preinstalled esc_owner
+CREATE SCHEMA subject_audit;
+\c esc_preinstalled postgres
+CREATE EXTENSION pg_subject_audit;
+SELECT count(*) AS installed FROM pg_extension WHERE extname = 'pg_subject_audit';
+\c 20_escalation postgres
+SET default_transaction_read_only = off;
+DROP DATABASE esc_preinstalled;
 ALTER SYSTEM RESET subject_audit.database;
 
 -- @restart
