@@ -312,7 +312,7 @@ fn decrypt(
         );
     };
     let key = keys.entry((context_id, stored.subject_key_id)).or_insert_with(|| {
-        let key = keyring::reader_data_key(context_id, key_id, &stored.encapsulated_key, Some(salt))
+        let key = keyring::reader_data_key(context_id, key_id, &stored.encapsulated_key, salt)
             .unwrap_or_else(|KeyNotUnlocked(key_id)| {
                 raise_with_hint(
                     ERRCODE_INSUFFICIENT_PRIVILEGE,
