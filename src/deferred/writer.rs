@@ -313,11 +313,12 @@ fn drafts(entry: &Entry) -> Vec<Draft> {
                 .finish(),
         ))
     };
+    // Of nobody's: no payload (no erasure could reach it).
     if entry.subjects.is_empty() {
         return vec![Draft {
             subject: Subject::Nobody,
             columns,
-            payload: payload(),
+            payload: None,
         }];
     }
     entry

@@ -190,12 +190,12 @@ pub fn ensure_unlocked() {
     }
 }
 
-/// The data key of one subject (or of no subject) within one writer context.
+/// The data key of one subject (by its salt) within one writer context.
 pub fn reader_data_key(
     context_id: i64,
     key_id: i32,
     encapsulated_key: &[u8],
-    salt: Option<&[u8]>,
+    salt: &[u8],
 ) -> Result<DataKey, KeyNotUnlocked> {
     let cached = SESSION.with(|s| {
         s.borrow()

@@ -80,16 +80,6 @@ impl Change {
             title.push_str(&format!(" ({} more rows, not itemized)", self.not_itemized));
         }
         let (sqlstate, message) = match self.error {
-            // With no subject the event's key can never be shredded: no
-            // detail, which is where values are (Key (email)=(…)).
-            Some((sqlstate, message)) if subjects.is_empty() => {
-                let message = message
-                    .split("\nDETAIL: ")
-                    .next()
-                    .unwrap_or_default()
-                    .to_owned();
-                (Some(sqlstate), message)
-            }
             Some((sqlstate, message)) => (Some(sqlstate), message),
             // Caught by an exception handler (PL/pgSQL), so never reported.
             None => (
@@ -97,13 +87,16 @@ impl Change {
                 "the error was handled by the caller; its message is not available".to_owned(),
             ),
         };
+        // An event of nobody's holds no message: it may quote values (Key
+        // (email)=(…), a trigger's RAISE) that no erasure could reach.
+        let message = (!subjects.is_empty()).then_some(message);
         Entry {
             failed: true,
             operation: self.operation.to_owned(),
             title,
             table_name,
             sqlstate,
-            message: Some(message),
+            message,
             subjects,
             who: who.clone(),
             ..Entry::default()

@@ -49,7 +49,17 @@ impl DecryptedEvent {
                 format!("read {}", self.changed_columns.join(", "))
             }
             ("INSERT", _) => format!("created {}", self.changed_columns.join(", ")),
-            ("UPDATE", _) => format!("changed {}", self.changed_columns.join(", ")),
+            ("UPDATE", _) => match self.moved() {
+                Some(Moved::Left) => format!(
+                    "row passed to another subject or to nobody; it held {}",
+                    self.changed_columns.join(", ")
+                ),
+                Some(Moved::Came) => format!(
+                    "row came to this subject; it holds {}",
+                    self.changed_columns.join(", ")
+                ),
+                None => format!("changed {}", self.changed_columns.join(", ")),
+            },
             ("DELETE", _) => format!("deleted {}", self.changed_columns.join(", ")),
             ("TRUNCATE", _) => format!(
                 "deleted {} (table truncated)",
@@ -62,6 +72,22 @@ impl DecryptedEvent {
         match self.payload.as_ref().and_then(|p| p.reason.as_deref()) {
             Some(reason) => format!("{what} — {reason}"),
             None => what,
+        }
+    }
+
+    /// Whether this UPDATE changed the row's subject, seen from this subject:
+    /// its payload then holds only the row as it left, or as it came. Known
+    /// only while the payload can be read.
+    fn moved(&self) -> Option<Moved> {
+        let columns = &self.payload.as_ref()?.columns;
+        if columns.is_empty() {
+            None
+        } else if columns.iter().all(|c| c.after == Value::Absent) {
+            Some(Moved::Left)
+        } else if columns.iter().all(|c| c.before == Value::Absent) {
+            Some(Moved::Came)
+        } else {
+            None
         }
     }
 
@@ -83,11 +109,9 @@ impl DecryptedEvent {
             }
         }
         let object = |m: Map<String, Json>| (!m.is_empty()).then_some(Json::Object(m));
-        match self.operation.as_str() {
-            "INSERT" => (None, object(after)),
-            "DELETE" | "TRUNCATE" => (object(before), None),
-            _ => (Some(Json::Object(before)), Some(Json::Object(after))),
-        }
+        // An UPDATE that changed the row's subject holds one side only (the
+        // row as it left one subject, or as it came to the other).
+        (object(before), object(after))
     }
 
     /// The event as an object of the export document (`docs/export.md`).
@@ -114,6 +138,12 @@ impl DecryptedEvent {
             "erased": self.erased,
         })
     }
+}
+
+/// Which way a row went in an UPDATE that changed its subject.
+enum Moved {
+    Left,
+    Came,
 }
 
 /// The export document of one subject: `docs/export.md` documents its schema.
@@ -283,7 +313,7 @@ fn decrypt(
         );
     };
     let key = keys.entry((context_id, stored.subject_key_id)).or_insert_with(|| {
-        let key = keyring::reader_data_key(context_id, key_id, &stored.encapsulated_key, Some(salt))
+        let key = keyring::reader_data_key(context_id, key_id, &stored.encapsulated_key, salt)
             .unwrap_or_else(|KeyNotUnlocked(key_id)| {
                 raise_with_hint(
                     ERRCODE_INSUFFICIENT_PRIVILEGE,
