@@ -56,3 +56,32 @@ FROM subject_audit.events WHERE operation = 'DROPPED';
 SELECT pg_sleep(2);
 SELECT * FROM subject_audit.writer_status();
 SELECT count(*) AS dropped_events FROM subject_audit.events WHERE operation = 'DROPPED';
+
+-- Entries still queued when the server stops are counted as dropped too. A
+-- prepared transaction holds a lock the writer needs (on the trail's table),
+-- from before the read until after the restart.
+ALTER SYSTEM SET max_prepared_transactions = 2;
+-- @restart
+BEGIN;
+LOCK TABLE subject_audit.event IN SHARE MODE;
+PREPARE TRANSACTION 'hold_the_trail';
+SET subject_audit.log_reads = subject;
+\o /dev/null
+SELECT token FROM big WHERE id <= 3;
+\o
+SELECT pg_sleep(1);
+SELECT * FROM subject_audit.writer_status();
+-- @restart
+SELECT * FROM subject_audit.writer_status();
+COMMIT PREPARED 'hold_the_trail';
+DO $$
+BEGIN
+    FOR i IN 1..300 LOOP
+        EXIT WHEN (SELECT dropped = dropped_recorded AND dropped > 0 FROM subject_audit.writer_status());
+        PERFORM pg_sleep(0.1);
+    END LOOP;
+END
+$$;
+SELECT * FROM subject_audit.writer_status();
+SELECT operation, status, title FROM subject_audit.events WHERE operation = 'DROPPED' ORDER BY event_id;
+ALTER SYSTEM RESET max_prepared_transactions;
