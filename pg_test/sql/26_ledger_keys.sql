@@ -44,6 +44,11 @@ UPDATE subject_audit.subject_key SET salt = sha256(salt), salt_hash = sha256(sha
 WHERE subject_key_id = :k1;
 SELECT ok, problems FROM subject_audit.verify();
 ROLLBACK;
+-- ... or a commitment removed.
+BEGIN;
+UPDATE subject_audit.subject_key SET salt_hash = NULL WHERE subject_key_id = :k1;
+SELECT ok, problems FROM subject_audit.verify();
+ROLLBACK;
 -- 3. A writer context's encapsulated key overwritten (no payload of that
 -- backend can be read any more), re-pointed at another writer key, or deleted.
 BEGIN;

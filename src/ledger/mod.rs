@@ -469,7 +469,7 @@ fn check_salts(client: &pgrx::spi::SpiClient<'_>, problems: &mut Problems) {
             "SELECT k.subject_key_id, k.salt IS NOT NULL, k.salt_hash IS NOT NULL \
              FROM subject_audit.subject_key k \
              WHERE CASE WHEN k.salt IS NOT NULL \
-                   THEN k.salt_hash IS DISTINCT FROM pg_catalog.sha256(k.salt) \
+                   THEN k.salt_hash IS NULL OR k.salt_hash OPERATOR(pg_catalog.<>) pg_catalog.sha256(k.salt) \
                    ELSE NOT EXISTS (SELECT FROM subject_audit.event e \
                         JOIN subject_audit.event_label l ON l.label_id OPERATOR(pg_catalog.=) e.label_id \
                         WHERE e.subject_key_id OPERATOR(pg_catalog.=) k.subject_key_id \
