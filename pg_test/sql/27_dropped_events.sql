@@ -84,4 +84,31 @@ END
 $$;
 SELECT * FROM subject_audit.writer_status();
 SELECT operation, status, title FROM subject_audit.events WHERE operation = 'DROPPED' ORDER BY event_id;
+-- The same when the server crashes (immediate shutdown: the postmaster saves
+-- the counts as it exits, after its children).
+BEGIN;
+LOCK TABLE subject_audit.event IN SHARE MODE;
+PREPARE TRANSACTION 'hold_the_trail_again';
+SET subject_audit.log_reads = subject;
+\o /dev/null
+SELECT token FROM big WHERE id <= 2;
+\o
+SELECT pg_sleep(1);
+SELECT waiting FROM subject_audit.writer_status();
+-- @crash
+SELECT * FROM subject_audit.writer_status();
+COMMIT PREPARED 'hold_the_trail_again';
+DO $$
+BEGIN
+    FOR i IN 1..300 LOOP
+        EXIT WHEN (SELECT dropped = dropped_recorded AND dropped > 0 FROM subject_audit.writer_status());
+        PERFORM pg_sleep(0.1);
+    END LOOP;
+END
+$$;
+SELECT * FROM subject_audit.writer_status();
+SELECT operation, status, title FROM subject_audit.events WHERE operation = 'DROPPED' ORDER BY event_id;
 ALTER SYSTEM RESET max_prepared_transactions;
+-- (A standby started later needs at least the primary's setting.)
+-- @restart
+SHOW max_prepared_transactions;
