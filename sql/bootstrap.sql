@@ -55,12 +55,15 @@ CREATE TABLE subject_audit.writer_context (
 
 -- Per-subject random salts: the HPKE exporter context of each subject's data
 -- key. Erasing a subject deletes its salt (crypto-shredding); a later event
--- for the same token starts a new subject key.
+-- for the same token starts a new subject key. salt_hash, the SHA-256 of the
+-- salt (32 random bytes: it reveals nothing), is set with it and kept when
+-- it is erased: ledger blocks commit to it, and verify() checks salts against it.
 CREATE SEQUENCE subject_audit.subject_key_subject_key_id_seq AS bigint;
 CREATE TABLE subject_audit.subject_key (
     subject_key_id bigint PRIMARY KEY DEFAULT pg_catalog.nextval('subject_audit.subject_key_subject_key_id_seq'::pg_catalog.regclass),
     subject_digest bytea NOT NULL,
     salt bytea CHECK (pg_catalog.length(salt) OPERATOR(pg_catalog.=) 32),
+    salt_hash bytea CHECK (pg_catalog.length(salt_hash) OPERATOR(pg_catalog.=) 32),
     erased_at timestamptz,
     CHECK ((salt IS NULL) OPERATOR(pg_catalog.=) (erased_at IS NOT NULL))
 );
@@ -134,6 +137,10 @@ CREATE INDEX event_txid ON subject_audit.event USING brin (txid) WITH (pages_per
 -- where to_txid was the sealing snapshot's xmin (all older transactions had
 -- finished). merkle_root covers those events' row_hash in event_id order;
 -- block_hash covers the block's fields and the previous block's hash.
+-- subject_keys_digest and writer_contexts_digest cover the subject_key rows
+-- (id, digest, salt_hash) and writer_context rows (id, key_id,
+-- encapsulated_key) its events name, as they were at sealing; NULL in blocks
+-- sealed before blocks had them.
 CREATE TABLE subject_audit.block (
     block_id bigint PRIMARY KEY,
     from_txid bigint NOT NULL,
@@ -144,6 +151,8 @@ CREATE TABLE subject_audit.block (
     merkle_root bytea NOT NULL,
     previous_hash bytea NOT NULL,
     block_hash bytea NOT NULL,
+    subject_keys_digest bytea,
+    writer_contexts_digest bytea,
     sealed_at timestamptz NOT NULL DEFAULT pg_catalog.now()
 );
 

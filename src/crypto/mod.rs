@@ -10,7 +10,7 @@ mod hpke_context;
 mod keypair;
 
 pub use aead::{DataKey, NONCE_LEN};
-pub use digest::{sha256, DigestMap, SubjectDigester, DIGEST_LEN};
+pub use digest::{sha256, DigestMap, Sha256Stream, SubjectDigester, DIGEST_LEN};
 pub use hpke_context::{ReceiverContext, SenderContext};
 pub use keypair::{generate_keypair, public_key_of, validate_public_key, KEY_LEN};
 

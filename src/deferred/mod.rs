@@ -11,6 +11,7 @@ mod writer;
 
 pub use entry::Entry;
 use entry::Part;
+pub use queue::DropReason;
 
 use std::time::{Duration, Instant};
 
@@ -31,8 +32,8 @@ pub fn available() -> bool {
 }
 
 /// Hands `entries` to this database's writer; returns how many of their
-/// events were dropped (counted, and recorded in the admin trail by the
-/// writer). With `may_wait`, a full queue is waited on while the writer
+/// events were dropped (counted per reason, and recorded in the admin trail
+/// by the writer). With `may_wait`, a full queue is waited on while the writer
 /// makes room (back-pressure, given up after two seconds without progress,
 /// for the whole call); an aborting transaction must not wait.
 pub fn hand_over(entries: &[Entry], may_wait: bool) -> u64 {
@@ -51,13 +52,14 @@ pub fn hand_over(entries: &[Entry], may_wait: bool) -> u64 {
         left_out: u64,
     }
     impl NotQueued<'_> {
-        fn events(&self) -> u64 {
-            self.left_out + self.parts.iter().map(|p| p.events).sum::<u64>()
+        fn not_stored(&self) -> u64 {
+            self.parts.iter().map(|p| p.events).sum::<u64>()
         }
     }
     impl Drop for NotQueued<'_> {
         fn drop(&mut self) {
-            queue::count_dropped(self.database, self.events());
+            queue::count_dropped(self.database, DropReason::TooLarge, self.left_out);
+            queue::count_dropped(self.database, DropReason::QueueFull, self.not_stored());
         }
     }
     let mut rest = NotQueued {
@@ -82,7 +84,7 @@ pub fn hand_over(entries: &[Entry], may_wait: bool) -> u64 {
         }
         sleep_briefly();
     }
-    rest.events()
+    rest.left_out + rest.not_stored()
 }
 
 /// Waits until the writer has taken care of every entry of this database
@@ -114,7 +116,8 @@ fn sleep_briefly() {
     }
 }
 
-/// (waiting, written, dropped) for this database since the server started.
-pub fn status() -> (i64, i64, i64) {
+/// (waiting, written, dropped, dropped_recorded) for this database since
+/// the server started.
+pub fn status() -> (i64, i64, i64, i64) {
     queue::status(unsafe { pg_sys::MyDatabaseId })
 }

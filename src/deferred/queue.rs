@@ -4,8 +4,11 @@
 //! no catalog, one LWLock); the database's writer takes and frees them.
 //!
 //! A full queue never blocks an abort: what does not fit is dropped and
-//! counted, per database, in events; the writer records the count in the
-//! admin trail.
+//! counted, per database and reason, in events; the writer records the
+//! counts in the admin trail. Counts not recorded yet when the server stops
+//! (or restarts after a crash) are saved by the postmaster to a file in the
+//! data directory, with the events still queued, and loaded when shared
+//! memory is set up again: a restart loses no count.
 
 use std::ptr::{addr_of_mut, null_mut};
 
@@ -30,6 +33,44 @@ const MAX_HANDED_AGAIN: u32 = 3;
 const FREE: u32 = 0;
 const FILLED: u32 = 1;
 const TAKEN: u32 = 2;
+
+/// Why events were dropped: each reason is its own DROPPED event.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum DropReason {
+    QueueFull,
+    TooLarge,
+    NoWriter,
+    LockWait,
+    Failed,
+    Stopped,
+}
+
+const REASONS: [DropReason; 6] = [
+    DropReason::QueueFull,
+    DropReason::TooLarge,
+    DropReason::NoWriter,
+    DropReason::LockWait,
+    DropReason::Failed,
+    DropReason::Stopped,
+];
+
+impl DropReason {
+    /// What the DROPPED event's title says.
+    pub fn why(self) -> &'static str {
+        match self {
+            DropReason::QueueFull => "the queue was full",
+            DropReason::TooLarge => "a subject value was too large for the queue",
+            DropReason::NoWriter => "no writer could connect to the database",
+            DropReason::LockWait => "they waited ten minutes on another transaction's lock",
+            DropReason::Failed => "they could not be written (see the server log)",
+            DropReason::Stopped => "the server stopped before the writer wrote them",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
 
 /// A slot's state, kept apart from its bytes so that scans under the lock
 /// read a few hundred kilobytes, not sixteen megabytes.
@@ -60,9 +101,16 @@ struct Database {
     /// connections): its slot may be reused, unreported drops and all.
     unreachable: bool,
     written: u64,
-    dropped: u64,
+    /// Per `DropReason`.
+    dropped: [u64; REASONS.len()],
     /// Drops already recorded in this database's admin trail.
-    reported: u64,
+    reported: [u64; REASONS.len()],
+}
+
+impl Database {
+    fn unreported(&self) -> u64 {
+        self.dropped.iter().sum::<u64>() - self.reported.iter().sum::<u64>()
+    }
 }
 
 #[repr(C)]
@@ -113,10 +161,16 @@ unsafe extern "C-unwind" fn startup() {
     pg_sys::LWLockAcquire(init_lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
     let mut found = false;
     let shared = pg_sys::ShmemInitStruct(NAME.as_ptr(), std::mem::size_of::<Shared>(), &mut found);
+    SHARED = shared.cast();
     if !found {
         std::ptr::write_bytes(shared.cast::<u8>(), 0, std::mem::size_of::<Shared>());
+        load_carried_over(&mut *SHARED);
     }
-    SHARED = shared.cast();
+    // In the postmaster: it exits (or resets shared memory after a crash)
+    // after every other process, so it sees the last counts.
+    if !pg_sys::IsUnderPostmaster {
+        pg_sys::on_shmem_exit(Some(save_at_exit), pg_sys::Datum::from(0));
+    }
     LOCK = addr_of_mut!((*pg_sys::GetNamedLWLockTranche(NAME.as_ptr())).lock);
     pg_sys::LWLockRelease(init_lock);
 }
@@ -160,7 +214,7 @@ impl Shared {
                 let i = empty.or_else(|| {
                     self.databases.iter().position(|d| {
                         d.writer.is_null()
-                            && (d.dropped == d.reported || d.unreachable)
+                            && (d.unreported() == 0 || d.unreachable)
                             && !in_use.contains(&d.oid)
                     })
                 })?;
@@ -170,8 +224,8 @@ impl Shared {
                     failed_launches: 0,
                     unreachable: false,
                     written: 0,
-                    dropped: 0,
-                    reported: 0,
+                    dropped: [0; REASONS.len()],
+                    reported: [0; REASONS.len()],
                 };
                 i
             }
@@ -179,12 +233,12 @@ impl Shared {
         Some(&mut self.databases[i])
     }
 
-    fn count_dropped(&mut self, database: pg_sys::Oid, n: u64) {
+    fn count_dropped(&mut self, database: pg_sys::Oid, reason: DropReason, n: u64) {
         if n == 0 {
             return;
         }
         match self.database(database) {
-            Some(d) => d.dropped += n,
+            Some(d) => d.dropped[reason.index()] += n,
             None => self.dropped_elsewhere += n,
         }
     }
@@ -254,9 +308,9 @@ pub fn push(database: pg_sys::Oid, parts: &[Part]) -> usize {
 }
 
 /// Counts `n` events of `database` that could not be queued.
-pub fn count_dropped(database: pg_sys::Oid, n: u64) {
+pub fn count_dropped(database: pg_sys::Oid, reason: DropReason, n: u64) {
     if available() && n > 0 {
-        locked(|shared| shared.count_dropped(database, n));
+        locked(|shared| shared.count_dropped(database, reason, n));
     }
 }
 
@@ -281,6 +335,16 @@ pub fn databases_waiting() -> Vec<pg_sys::Oid> {
                 .iter()
                 .any(|d| d.oid == oid && d.writer.is_null())
         });
+        // Drops to record, those carried over a restart too.
+        for d in &shared.databases {
+            if d.writer.is_null()
+                && !d.unreachable
+                && d.unreported() > 0
+                && !waiting.contains(&d.oid)
+            {
+                waiting.push(d.oid);
+            }
+        }
         waiting
     })
 }
@@ -310,7 +374,7 @@ pub fn count_launch(database: pg_sys::Oid) -> bool {
                 shared.free(i);
             }
         }
-        shared.count_dropped(database, events);
+        shared.count_dropped(database, DropReason::NoWriter, events);
         // Recorded in its trail if a writer runs there again before the
         // slot is reused; said in the server log in any case.
         if let Some(d) = shared.database(database) {
@@ -359,7 +423,7 @@ pub fn attach_writer(database: pg_sys::Oid) -> bool {
                 }
             }
         }
-        shared.count_dropped(database, poisoned);
+        shared.count_dropped(database, DropReason::Failed, poisoned);
         true
     })
 }
@@ -449,7 +513,7 @@ pub fn release(database: pg_sys::Oid, slots: &[usize], written: bool) {
                 d.written += events;
             }
         } else {
-            shared.count_dropped(database, events);
+            shared.count_dropped(database, DropReason::Failed, events);
         }
     });
 }
@@ -467,7 +531,7 @@ pub fn retry_later(database: pg_sys::Oid, slot: usize) {
         if s.attempts > MAX_ATTEMPTS {
             let events = s.events;
             shared.free(slot);
-            shared.count_dropped(database, events);
+            shared.count_dropped(database, DropReason::LockWait, events);
         } else {
             s.state = FILLED;
             s.due = due;
@@ -487,30 +551,34 @@ pub fn untake(database: pg_sys::Oid, slots: &[usize]) {
     });
 }
 
-/// Drops of `database` not yet recorded in its admin trail.
-pub fn unreported_drops(database: pg_sys::Oid) -> u64 {
+/// Drops of `database` not yet recorded in its admin trail, per reason.
+pub fn unreported_drops(database: pg_sys::Oid) -> Vec<(DropReason, u64)> {
     locked(|shared| {
-        shared
-            .databases
+        let Some(d) = shared.databases.iter().find(|d| d.oid == database) else {
+            return Vec::new();
+        };
+        REASONS
             .iter()
-            .find(|d| d.oid == database)
-            .map_or(0, |d| d.dropped - d.reported)
+            .map(|&r| (r, d.dropped[r.index()] - d.reported[r.index()]))
+            .filter(|&(_, n)| n > 0)
+            .collect()
     })
 }
 
-pub fn mark_reported(database: pg_sys::Oid, n: u64) {
+pub fn mark_reported(database: pg_sys::Oid, reason: DropReason, n: u64) {
     locked(|shared| {
         if let Some(d) = shared.databases.iter_mut().find(|d| d.oid == database) {
-            d.reported += n;
+            d.reported[reason.index()] += n;
         }
     });
 }
 
-/// (waiting entries, written events, dropped events) for `database`, since
-/// the server started.
-pub fn status(database: pg_sys::Oid) -> (i64, i64, i64) {
+/// (waiting entries, written events, dropped events, drops recorded in the
+/// admin trail) for `database`, since the server started; drops carried
+/// over from before a restart count as dropped since.
+pub fn status(database: pg_sys::Oid) -> (i64, i64, i64, i64) {
     if !available() {
-        return (0, 0, 0);
+        return (0, 0, 0, 0);
     }
     locked(|shared| {
         let waiting = shared
@@ -518,11 +586,133 @@ pub fn status(database: pg_sys::Oid) -> (i64, i64, i64) {
             .iter()
             .filter(|s| s.database == database && s.state != FREE)
             .count() as i64;
-        let (written, dropped) = shared
+        let (written, dropped, recorded) = shared
             .databases
             .iter()
             .find(|d| d.oid == database)
-            .map_or((0, 0), |d| (d.written as i64, d.dropped as i64));
-        (waiting, written, dropped)
+            .map_or((0, 0, 0), |d| {
+                let sum = |counts: &[u64]| counts.iter().sum::<u64>() as i64;
+                (d.written as i64, sum(&d.dropped), sum(&d.reported))
+            });
+        (waiting, written, dropped, recorded)
     })
+}
+
+/// Where the postmaster keeps unrecorded drops while the server is down
+/// (relative to the data directory, its working directory). Removed once
+/// loaded, so a base backup of a running server never copies it.
+const CARRIED_OVER: &str = "pg_subject_audit_drops";
+
+/// One line per database and reason: `<database oid> <reason> <events>`.
+fn encode_carried_over(counts: &[(u32, DropReason, u64)]) -> String {
+    counts
+        .iter()
+        .map(|(oid, reason, n)| format!("{oid} {} {n}\n", reason.index()))
+        .collect()
+}
+
+/// What `encode_carried_over` wrote; other lines are skipped.
+fn decode_carried_over(text: &str) -> Vec<(u32, DropReason, u64)> {
+    text.lines()
+        .filter_map(|line| {
+            let mut fields = line.split(' ');
+            let oid = fields.next()?.parse().ok()?;
+            let reason = *REASONS.get(fields.next()?.parse::<usize>().ok()?)?;
+            let n = fields.next()?.parse().ok()?;
+            fields.next().is_none().then_some((oid, reason, n))
+        })
+        .collect()
+}
+
+/// The unrecorded drops of every database, and the events still queued
+/// (counted as `Stopped`): every other process has exited.
+fn unrecorded(shared: &Shared) -> Vec<(u32, DropReason, u64)> {
+    let mut counts = Vec::new();
+    for d in shared
+        .databases
+        .iter()
+        .filter(|d| d.oid != pg_sys::InvalidOid)
+    {
+        let queued: u64 = shared
+            .slots
+            .iter()
+            .filter(|s| s.state != FREE && s.database == d.oid)
+            .map(|s| s.events)
+            .sum();
+        for r in REASONS {
+            let mut n = d.dropped[r.index()] - d.reported[r.index()];
+            if r == DropReason::Stopped {
+                n += queued;
+            }
+            if n > 0 {
+                counts.push((d.oid.to_u32(), r, n));
+            }
+        }
+    }
+    counts
+}
+
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn save_at_exit(_code: i32, _arg: pg_sys::Datum) {
+    if SHARED.is_null() {
+        return;
+    }
+    let counts = unrecorded(&*SHARED);
+    if counts.is_empty() {
+        return;
+    }
+    let temporary = format!("{CARRIED_OVER}.tmp");
+    let written = std::fs::File::create(&temporary)
+        .and_then(|mut f| {
+            std::io::Write::write_all(&mut f, encode_carried_over(&counts).as_bytes())?;
+            f.sync_all()
+        })
+        .and_then(|()| std::fs::rename(&temporary, CARRIED_OVER));
+    if let Err(e) = written {
+        pgrx::log!("pg_subject_audit: could not save the counts of dropped events ({counts:?}) to {CARRIED_OVER}: {e}");
+    }
+}
+
+/// Counts the drops saved by the last `save_at_exit` as unrecorded ones.
+fn load_carried_over(shared: &mut Shared) {
+    let Ok(text) = std::fs::read_to_string(CARRIED_OVER) else {
+        return;
+    };
+    for (oid, reason, n) in decode_carried_over(&text) {
+        shared.count_dropped(pg_sys::Oid::from(oid), reason, n);
+    }
+    if let Err(e) = std::fs::remove_file(CARRIED_OVER) {
+        pgrx::log!("pg_subject_audit: could not remove {CARRIED_OVER}: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn carried_over_counts_round_trip() {
+        let counts = vec![
+            (16384, DropReason::QueueFull, 104),
+            (16384, DropReason::Stopped, 1),
+            (5, DropReason::Failed, u64::MAX),
+        ];
+        let text = encode_carried_over(&counts);
+        assert_eq!(decode_carried_over(&text), counts);
+        for r in REASONS {
+            assert_eq!(REASONS[r.index()], r);
+        }
+    }
+
+    #[test]
+    fn malformed_carried_over_lines_are_skipped() {
+        let text = "16384 0 7\n1 6 3\nx 0 1\n1 0\n1 0 1 1\n1 0 -1\n\n2 2 9";
+        assert_eq!(
+            decode_carried_over(text),
+            vec![
+                (16384, DropReason::QueueFull, 7),
+                (2, DropReason::NoWriter, 9)
+            ]
+        );
+    }
 }

@@ -432,11 +432,13 @@ const LOAD_SUBJECT_KEYS: &str = "SELECT k.subject_digest, k.subject_key_id, k.sa
 
 /// Keys for the digests and salts in two arrays; the argument is the ON
 /// CONFLICT clause (none: a subject with a live key is a unique violation).
+/// Each salt's commitment (`salt_hash`, which the ledger checks) is computed
+/// here, once per key created, never per event.
 macro_rules! insert_subject_keys {
     ($on_conflict:literal) => {
         concat!(
-            "INSERT INTO subject_audit.subject_key AS k (subject_digest, salt) \
-             SELECT d, s FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.bytea[]), pg_catalog.unnest($2::pg_catalog.bytea[])) AS u(d, s) ",
+            "INSERT INTO subject_audit.subject_key AS k (subject_digest, salt, salt_hash) \
+             SELECT d, s, pg_catalog.sha256(s) FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.bytea[]), pg_catalog.unnest($2::pg_catalog.bytea[])) AS u(d, s) ",
             $on_conflict,
             " RETURNING k.subject_digest, k.subject_key_id, k.salt"
         )
@@ -454,7 +456,7 @@ const CREATE_NEW_SUBJECT_KEYS: &str =
 const CREATE_ALL_SUBJECT_KEYS: &str = insert_subject_keys!("");
 
 const CREATE_SUBJECT_KEY: &str =
-    "INSERT INTO subject_audit.subject_key AS k (subject_digest, salt) VALUES ($1, $2) \
+    "INSERT INTO subject_audit.subject_key AS k (subject_digest, salt, salt_hash) VALUES ($1, $2, pg_catalog.sha256($2)) \
      ON CONFLICT (subject_digest, erased_at) \
      DO UPDATE SET subject_digest = excluded.subject_digest \
      RETURNING k.subject_digest, k.subject_key_id, k.salt";

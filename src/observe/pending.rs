@@ -111,7 +111,7 @@ pub fn flush(may_wait: bool) {
     }
     let dropped = deferred::hand_over(&entries, may_wait);
     if dropped > 0 {
-        let message = format!("pg_subject_audit: {dropped} audit events could not be queued (queue full); the count is recorded in the trail");
+        let message = format!("pg_subject_audit: {dropped} audit events could not be queued; the count is recorded in the trail");
         if may_wait {
             warning!("{message}");
         } else {

@@ -81,8 +81,10 @@ fn bind_subject(token: Option<&str>) {
 }
 
 /// The background writer's queue in this database, since the server
-/// started: entries waiting, written, and dropped (queue full or writer
-/// unavailable; each drop is also recorded as a DROPPED event).
+/// started: entries waiting, events written, events dropped (queue full,
+/// writer unavailable, ...; with those carried over from before a restart
+/// that were not recorded yet), and how many of the dropped are recorded in
+/// the admin trail as DROPPED events.
 #[pg_extern(volatile, parallel_safe)]
 fn writer_status() -> TableIterator<
     'static,
@@ -90,6 +92,7 @@ fn writer_status() -> TableIterator<
         name!(waiting, i64),
         name!(written, i64),
         name!(dropped, i64),
+        name!(dropped_recorded, i64),
     ),
 > {
     TableIterator::once(crate::deferred::status())
