@@ -55,8 +55,8 @@ pub extern "C-unwind" fn _PG_init() {
     unsafe { std::env::set_var("RUST_LIB_BACKTRACE", "0") };
     GucRegistry::define_bool_guc(
         c"subject_audit.require_recorded_reads",
-        c"Refuse reads of a trail that cannot be recorded (read-only transaction, hot standby).",
-        c"Off: such reads work, with a NOTICE that they went unrecorded. Superuser-only, so set it per role or database for readers.",
+        c"Refuse reads of a trail, and unlocks, whose event the background writer has not committed.",
+        c"On: refused on a hot standby, without shared_preload_libraries, and when the writer does not commit the event within ten seconds; reads of tracked tables are refused on a hot standby. Off: such reads work, with a NOTICE or WARNING. Superuser-only, so set it per role or database for readers.",
         &REQUIRE_RECORDED_READS,
         GucContext::Suset,
         GucFlags::default(),

@@ -6,6 +6,11 @@
 //! A full queue never blocks an abort: what does not fit is dropped and
 //! counted, per database, in events; the writer records the count in the
 //! admin trail.
+//!
+//! A backend that must know its entry was written (a read under
+//! `require_recorded_reads`) pushes it with itself as the waiter: when the
+//! writer is done with such a slot, it keeps it as DONE, with the outcome,
+//! until the waiter has looked (or, if the waiter went away, for a minute).
 
 use std::ptr::{addr_of_mut, null_mut};
 
@@ -27,9 +32,14 @@ const MAX_ATTEMPTS: u32 = 600;
 /// Times an entry is handed to a new writer after its writer died with it.
 const MAX_HANDED_AGAIN: u32 = 3;
 
+/// How long a DONE slot waits for its waiter to look, in microseconds.
+const DONE_KEPT: i64 = 60_000_000;
+
 const FREE: u32 = 0;
 const FILLED: u32 = 1;
 const TAKEN: u32 = 2;
+/// Written or dropped, kept for its waiter to see which (`written`).
+const DONE: u32 = 3;
 
 /// A slot's state, kept apart from its bytes so that scans under the lock
 /// read a few hundred kilobytes, not sixteen megabytes.
@@ -46,8 +56,20 @@ struct Slot {
     sequence: u64,
     /// Events it makes (for drop counts).
     events: u64,
-    /// Not to be taken before this time (a put-back entry), microseconds.
+    /// Not to be taken before this time (a put-back entry), or, once DONE,
+    /// when it was done; microseconds.
     due: i64,
+    /// The backend waiting to learn the outcome, or null.
+    waiter: *mut pg_sys::PGPROC,
+    /// Once DONE: whether its events were written (else dropped).
+    written: bool,
+}
+
+impl Slot {
+    /// Holding an entry still to be written.
+    fn queued(&self) -> bool {
+        self.state == FILLED || self.state == TAKEN
+    }
 }
 
 #[repr(C)]
@@ -150,7 +172,7 @@ impl Shared {
                 let in_use: Vec<pg_sys::Oid> = self
                     .slots
                     .iter()
-                    .filter(|s| s.state != FREE)
+                    .filter(|s| s.queued())
                     .map(|s| s.database)
                     .collect();
                 let empty = self
@@ -189,11 +211,28 @@ impl Shared {
         }
     }
 
-    /// Frees slot `i`, wiping its bytes (they are plaintext).
-    fn free(&mut self, i: usize) {
+    /// Ends slot `i`: its events were written, or dropped. Wipes its bytes
+    /// (they are plaintext); frees it, or keeps it DONE for its waiter.
+    fn finish(&mut self, i: usize, written: bool) {
         let len = self.slots[i].len as usize;
         self.data[i][..len].fill(0);
-        self.slots[i].state = FREE;
+        let slot = &mut self.slots[i];
+        if slot.waiter.is_null() {
+            slot.state = FREE;
+        } else {
+            slot.state = DONE;
+            slot.written = written;
+            slot.due = now();
+            unsafe { wake(slot.waiter) };
+        }
+    }
+
+    /// Whether slot `i` can take a new entry at `now`: free, or DONE long
+    /// enough that its waiter is gone (a FATAL error ends a backend without
+    /// its cleanup).
+    fn reusable(&self, i: usize, now: i64) -> bool {
+        let slot = &self.slots[i];
+        slot.state == FREE || (slot.state == DONE && now - slot.due > DONE_KEPT)
     }
 }
 
@@ -203,42 +242,72 @@ unsafe fn wake(proc_: *mut pg_sys::PGPROC) {
     }
 }
 
+/// A queued entry its backend waits for: the slot, and the entry's
+/// sequence number, which tells it from a later entry in the same slot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ticket {
+    slot: usize,
+    sequence: u64,
+}
+
+/// What became of a waited-for entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Queued,
+    Written,
+    /// Dropped, or no longer known (its slot was reclaimed).
+    Dropped,
+}
+
 /// Puts the first of `parts` that fit into the queue for `database`, wakes
-/// its writer (or the launcher), and returns how many were stored. Stores
-/// nothing for a database that gets no slot (more than `DATABASES` busy).
-/// Safe while a transaction aborts.
-pub fn push(database: pg_sys::Oid, parts: &[Part]) -> usize {
+/// its writer (or the launcher), and returns a ticket for each one stored.
+/// With `wait`, this backend is their waiter: see `outcome` and `forget`.
+/// Stores nothing for a database that gets no slot (more than `DATABASES`
+/// busy). Safe while a transaction aborts.
+pub fn push(database: pg_sys::Oid, parts: &[Part], wait: bool) -> Vec<Ticket> {
     if !available() || parts.is_empty() {
-        return 0;
+        return Vec::new();
     }
+    let now = now();
+    let waiter = if wait {
+        unsafe { pg_sys::MyProc }
+    } else {
+        null_mut()
+    };
     let (stored, wake_up) = locked(|shared| {
         let Some(writer) = shared.database(database).map(|d| d.writer) else {
-            return (0, null_mut());
+            return (Vec::new(), null_mut());
         };
-        let mut stored = 0;
+        let mut stored = Vec::new();
         let start = shared.next_free;
         for k in 0..SLOTS {
-            let Some(part) = parts.get(stored).filter(|p| p.bytes.len() <= SLOT_BYTES) else {
+            let Some(part) = parts
+                .get(stored.len())
+                .filter(|p| p.bytes.len() <= SLOT_BYTES)
+            else {
                 break;
             };
             let i = (start + k) % SLOTS;
-            if shared.slots[i].state != FREE {
+            if !shared.reusable(i, now) {
                 continue;
             }
             shared.data[i][..part.bytes.len()].copy_from_slice(&part.bytes);
+            let sequence = shared.next_sequence;
             shared.slots[i] = Slot {
                 state: FILLED,
                 database,
                 len: part.bytes.len() as u32,
                 attempts: 0,
                 handed_again: 0,
-                sequence: shared.next_sequence,
+                sequence,
                 events: part.events,
                 due: 0,
+                waiter,
+                written: false,
             };
             shared.next_sequence += 1;
             shared.next_free = (i + 1) % SLOTS;
-            stored += 1;
+            stored.push(Ticket { slot: i, sequence });
         }
         let wake_up = if writer.is_null() {
             shared.launcher
@@ -247,10 +316,54 @@ pub fn push(database: pg_sys::Oid, parts: &[Part]) -> usize {
         };
         (stored, wake_up)
     });
-    if stored > 0 {
+    if !stored.is_empty() {
         unsafe { wake(wake_up) };
     }
     stored
+}
+
+/// What became of the entry of `ticket` so far; once it is known, the
+/// slot is freed (look once).
+pub fn outcome(ticket: Ticket) -> Outcome {
+    locked(|shared| {
+        let slot = &mut shared.slots[ticket.slot];
+        if slot.sequence != ticket.sequence || slot.waiter.is_null() {
+            return Outcome::Dropped;
+        }
+        match slot.state {
+            FILLED | TAKEN => Outcome::Queued,
+            DONE => {
+                slot.state = FREE;
+                slot.waiter = null_mut();
+                if slot.written {
+                    Outcome::Written
+                } else {
+                    Outcome::Dropped
+                }
+            }
+            _ => Outcome::Dropped,
+        }
+    })
+}
+
+/// Stops waiting for the entries of `tickets`: those still queued are
+/// written as usual, those done are freed.
+pub fn forget(tickets: &[Ticket]) {
+    if tickets.is_empty() {
+        return;
+    }
+    locked(|shared| {
+        for ticket in tickets {
+            let slot = &mut shared.slots[ticket.slot];
+            if slot.sequence != ticket.sequence || slot.waiter.is_null() {
+                continue;
+            }
+            slot.waiter = null_mut();
+            if slot.state == DONE {
+                slot.state = FREE;
+            }
+        }
+    });
 }
 
 /// Counts `n` events of `database` that could not be queued.
@@ -270,7 +383,7 @@ pub fn databases_waiting() -> Vec<pg_sys::Oid> {
     locked(|shared| {
         let mut waiting: Vec<pg_sys::Oid> = Vec::new();
         // Taken too: a writer that ended with some taken left them behind.
-        for slot in shared.slots.iter().filter(|s| s.state != FREE) {
+        for slot in shared.slots.iter().filter(|s| s.queued()) {
             if !waiting.contains(&slot.database) {
                 waiting.push(slot.database);
             }
@@ -305,9 +418,9 @@ pub fn count_launch(database: pg_sys::Oid) -> bool {
         // No writer runs there: taken slots are orphans of a dead one.
         let mut events = 0;
         for i in 0..SLOTS {
-            if shared.slots[i].database == database && shared.slots[i].state != FREE {
+            if shared.slots[i].database == database && shared.slots[i].queued() {
                 events += shared.slots[i].events;
-                shared.free(i);
+                shared.finish(i, false);
             }
         }
         shared.count_dropped(database, events);
@@ -353,7 +466,7 @@ pub fn attach_writer(database: pg_sys::Oid) -> bool {
                 slot.handed_again += 1;
                 if slot.handed_again > MAX_HANDED_AGAIN {
                     poisoned += slot.events;
-                    shared.free(i);
+                    shared.finish(i, false);
                 } else {
                     slot.state = FILLED;
                 }
@@ -442,7 +555,7 @@ pub fn release(database: pg_sys::Oid, slots: &[usize], written: bool) {
             .collect();
         let events: u64 = slots.iter().map(|&i| shared.slots[i].events).sum();
         for &i in &slots {
-            shared.free(i);
+            shared.finish(i, written);
         }
         if written {
             if let Some(d) = shared.database(database) {
@@ -466,7 +579,7 @@ pub fn retry_later(database: pg_sys::Oid, slot: usize) {
         s.attempts += 1;
         if s.attempts > MAX_ATTEMPTS {
             let events = s.events;
-            shared.free(slot);
+            shared.finish(slot, false);
             shared.count_dropped(database, events);
         } else {
             s.state = FILLED;
@@ -516,7 +629,7 @@ pub fn status(database: pg_sys::Oid) -> (i64, i64, i64) {
         let waiting = shared
             .slots
             .iter()
-            .filter(|s| s.database == database && s.state != FREE)
+            .filter(|s| s.database == database && s.queued())
             .count() as i64;
         let (written, dropped) = shared
             .databases

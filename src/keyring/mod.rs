@@ -25,7 +25,7 @@ pub use session::{
 };
 #[cfg(any(test, feature = "pg_test"))]
 pub use writer::forget_cached_subjects;
-pub use writer::{note_erased, subject_digest, subject_keys, writer_context};
+pub use writer::{created_here, note_erased, subject_digest, subject_keys, writer_context};
 
 use pgrx::pg_sys;
 

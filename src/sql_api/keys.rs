@@ -58,11 +58,10 @@ fn install_public_key(public_key: Option<&[u8]>) -> i32 {
 #[pg_extern(volatile, parallel_unsafe)]
 fn unlock(private_key: Option<&[u8]>) -> i32 {
     let private_key = super::required(private_key, "private_key");
-    if let Some(why) = admin::read_only_reason() {
-        admin::refuse_unrecorded("unlock", why);
-    }
-    let (key_id, keys) = keyring::unlock(private_key);
-    admin::record_unlock(key_id, "unlock()");
+    // Recorded before the key is added: a refused unlock adds nothing.
+    let (_, keys) = keyring::unlock(private_key, |key_id| {
+        admin::record_unlock(key_id, "unlock()")
+    });
     keys as i32
 }
 
