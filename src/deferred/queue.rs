@@ -7,8 +7,8 @@
 //! counted, per database, in events; the writer records the count in the
 //! admin trail.
 //!
-//! A backend that must know its entry was written (a read under
-//! `require_recorded_reads`) pushes it with itself as the waiter: when the
+//! A backend that must know its entry was written (a read of a trail, an
+//! unlock) pushes it with itself as the waiter: when the
 //! writer is done with such a slot, it keeps it as DONE, with the outcome,
 //! until the waiter has looked (or, if the waiter went away, for a minute).
 
