@@ -70,6 +70,59 @@ impl Slot {
     fn queued(&self) -> bool {
         self.state == FILLED || self.state == TAKEN
     }
+
+    /// Its entry was written, or dropped, at `now`: freed, or kept DONE for
+    /// its waiter, which is returned (to be woken).
+    fn finish(&mut self, written: bool, now: i64) -> Option<*mut pg_sys::PGPROC> {
+        if self.waiter.is_null() {
+            self.state = FREE;
+            return None;
+        }
+        self.state = DONE;
+        self.written = written;
+        self.due = now;
+        Some(self.waiter)
+    }
+
+    /// Whether it can take a new entry at `now`: free, or DONE long enough
+    /// that its waiter is gone (a FATAL error ends a backend without its
+    /// cleanup).
+    fn reusable(&self, now: i64) -> bool {
+        self.state == FREE || (self.state == DONE && now - self.due > DONE_KEPT)
+    }
+
+    /// What became of the entry numbered `sequence`, for its waiter; once
+    /// it is known, the slot is freed (look once).
+    fn outcome(&mut self, sequence: u64) -> Outcome {
+        if self.sequence != sequence || self.waiter.is_null() {
+            return Outcome::Dropped;
+        }
+        match self.state {
+            FILLED | TAKEN => Outcome::Queued,
+            DONE => {
+                self.state = FREE;
+                self.waiter = null_mut();
+                if self.written {
+                    Outcome::Written
+                } else {
+                    Outcome::Dropped
+                }
+            }
+            _ => Outcome::Dropped,
+        }
+    }
+
+    /// Its waiter stops waiting for the entry numbered `sequence`: still
+    /// queued, it is written as usual; done, the slot is freed.
+    fn forget(&mut self, sequence: u64) {
+        if self.sequence != sequence || self.waiter.is_null() {
+            return;
+        }
+        self.waiter = null_mut();
+        if self.state == DONE {
+            self.state = FREE;
+        }
+    }
 }
 
 #[repr(C)]
@@ -216,23 +269,9 @@ impl Shared {
     fn finish(&mut self, i: usize, written: bool) {
         let len = self.slots[i].len as usize;
         self.data[i][..len].fill(0);
-        let slot = &mut self.slots[i];
-        if slot.waiter.is_null() {
-            slot.state = FREE;
-        } else {
-            slot.state = DONE;
-            slot.written = written;
-            slot.due = now();
-            unsafe { wake(slot.waiter) };
+        if let Some(waiter) = self.slots[i].finish(written, now()) {
+            unsafe { wake(waiter) };
         }
-    }
-
-    /// Whether slot `i` can take a new entry at `now`: free, or DONE long
-    /// enough that its waiter is gone (a FATAL error ends a backend without
-    /// its cleanup).
-    fn reusable(&self, i: usize, now: i64) -> bool {
-        let slot = &self.slots[i];
-        slot.state == FREE || (slot.state == DONE && now - slot.due > DONE_KEPT)
     }
 }
 
@@ -288,7 +327,7 @@ pub fn push(database: pg_sys::Oid, parts: &[Part], wait: bool) -> Vec<Ticket> {
                 break;
             };
             let i = (start + k) % SLOTS;
-            if !shared.reusable(i, now) {
+            if !shared.slots[i].reusable(now) {
                 continue;
             }
             shared.data[i][..part.bytes.len()].copy_from_slice(&part.bytes);
@@ -325,25 +364,7 @@ pub fn push(database: pg_sys::Oid, parts: &[Part], wait: bool) -> Vec<Ticket> {
 /// What became of the entry of `ticket` so far; once it is known, the
 /// slot is freed (look once).
 pub fn outcome(ticket: Ticket) -> Outcome {
-    locked(|shared| {
-        let slot = &mut shared.slots[ticket.slot];
-        if slot.sequence != ticket.sequence || slot.waiter.is_null() {
-            return Outcome::Dropped;
-        }
-        match slot.state {
-            FILLED | TAKEN => Outcome::Queued,
-            DONE => {
-                slot.state = FREE;
-                slot.waiter = null_mut();
-                if slot.written {
-                    Outcome::Written
-                } else {
-                    Outcome::Dropped
-                }
-            }
-            _ => Outcome::Dropped,
-        }
-    })
+    locked(|shared| shared.slots[ticket.slot].outcome(ticket.sequence))
 }
 
 /// Stops waiting for the entries of `tickets`: those still queued are
@@ -354,14 +375,7 @@ pub fn forget(tickets: &[Ticket]) {
     }
     locked(|shared| {
         for ticket in tickets {
-            let slot = &mut shared.slots[ticket.slot];
-            if slot.sequence != ticket.sequence || slot.waiter.is_null() {
-                continue;
-            }
-            slot.waiter = null_mut();
-            if slot.state == DONE {
-                slot.state = FREE;
-            }
+            shared.slots[ticket.slot].forget(ticket.sequence);
         }
     });
 }
@@ -638,4 +652,91 @@ pub fn status(database: pg_sys::Oid) -> (i64, i64, i64) {
             .map_or((0, 0), |d| (d.written as i64, d.dropped as i64));
         (waiting, written, dropped)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A slot holding entry 7, with a waiter unless `waiter` is false.
+    fn slot(waiter: bool) -> Slot {
+        Slot {
+            state: FILLED,
+            database: pg_sys::Oid::from(1),
+            len: 10,
+            attempts: 0,
+            handed_again: 0,
+            sequence: 7,
+            events: 1,
+            due: 0,
+            // Never dereferenced here: only compared with null.
+            waiter: if waiter {
+                std::ptr::NonNull::dangling().as_ptr()
+            } else {
+                null_mut()
+            },
+            written: false,
+        }
+    }
+
+    #[test]
+    fn a_waited_entry_is_kept_until_its_waiter_looks() {
+        let mut s = slot(true);
+        assert_eq!(s.outcome(7), Outcome::Queued);
+        s.state = TAKEN;
+        assert_eq!(s.outcome(7), Outcome::Queued);
+        assert!(s.finish(true, 1_000).is_some(), "the waiter is woken");
+        assert_eq!(s.state, DONE);
+        assert!(!s.queued() && !s.reusable(1_000));
+        assert_eq!(s.outcome(7), Outcome::Written);
+        assert_eq!(s.state, FREE);
+        // Looked at once: the slot is someone else's now.
+        assert_eq!(s.outcome(7), Outcome::Dropped);
+    }
+
+    #[test]
+    fn a_dropped_entry_says_so() {
+        let mut s = slot(true);
+        s.finish(false, 0);
+        assert_eq!(s.outcome(7), Outcome::Dropped);
+        assert_eq!(s.state, FREE);
+    }
+
+    #[test]
+    fn an_unwaited_entry_is_freed_at_once() {
+        let mut s = slot(false);
+        assert!(s.finish(true, 0).is_none());
+        assert_eq!(s.state, FREE);
+    }
+
+    #[test]
+    fn another_entry_in_the_slot_is_not_taken_for_the_waited_one() {
+        let mut s = slot(true);
+        s.sequence = 8;
+        assert_eq!(s.outcome(7), Outcome::Dropped);
+        s.forget(7);
+        assert!(!s.waiter.is_null(), "entry 8's waiter stays");
+        assert_eq!(s.outcome(8), Outcome::Queued);
+    }
+
+    #[test]
+    fn a_forgotten_entry_is_still_written_and_then_freed() {
+        let mut s = slot(true);
+        s.forget(7);
+        assert_eq!(s.state, FILLED);
+        assert!(s.finish(true, 0).is_none(), "nobody to wake");
+        assert_eq!(s.state, FREE);
+        let mut done = slot(true);
+        done.finish(true, 0);
+        done.forget(7);
+        assert_eq!(done.state, FREE);
+    }
+
+    #[test]
+    fn a_done_slot_whose_waiter_went_away_is_reused_after_a_while() {
+        let mut s = slot(true);
+        s.finish(true, 5_000);
+        assert!(!s.reusable(5_000 + DONE_KEPT));
+        assert!(s.reusable(5_000 + DONE_KEPT + 1));
+    }
 }
