@@ -17,8 +17,8 @@ use crate::store::error::raise_with_hint;
 
 /// Records that the trail of `token` was read by one of our functions,
 /// whatever becomes of this transaction (`admin::recording` says where it
-/// cannot be). With `subject_audit.require_recorded_reads` on, returns only
-/// once the event is committed, and raises if it cannot be.
+/// cannot be): returns once the background writer has committed the event
+/// (`admin::record_deferred` says what happens if it does not).
 pub fn record_trail_read(token: &str, title: &str) {
     const WHAT: &str = "read of the audit trail";
     match admin::recording(WHAT) {
