@@ -9,6 +9,11 @@
 //! (or restarts after a crash) are saved by the postmaster to a file in the
 //! data directory, with the events still queued, and loaded when shared
 //! memory is set up again: a restart loses no count.
+//!
+//! A backend that must know its entry was written (a read of a trail, an
+//! unlock) pushes it with itself as the waiter: when the
+//! writer is done with such a slot, it keeps it as DONE, with the outcome,
+//! until the waiter has looked (or, if the waiter went away, for a minute).
 
 use std::ptr::{addr_of_mut, null_mut};
 
@@ -30,9 +35,14 @@ const MAX_ATTEMPTS: u32 = 600;
 /// Times an entry is handed to a new writer after its writer died with it.
 const MAX_HANDED_AGAIN: u32 = 3;
 
+/// How long a DONE slot waits for its waiter to look, in microseconds.
+const DONE_KEPT: i64 = 60_000_000;
+
 const FREE: u32 = 0;
 const FILLED: u32 = 1;
 const TAKEN: u32 = 2;
+/// Written or dropped, kept for its waiter to see which (`written`).
+const DONE: u32 = 3;
 
 /// Why events were dropped: each reason is its own DROPPED event.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -87,8 +97,73 @@ struct Slot {
     sequence: u64,
     /// Events it makes (for drop counts).
     events: u64,
-    /// Not to be taken before this time (a put-back entry), microseconds.
+    /// Not to be taken before this time (a put-back entry), or, once DONE,
+    /// when it was done; microseconds.
     due: i64,
+    /// The backend waiting to learn the outcome, or null.
+    waiter: *mut pg_sys::PGPROC,
+    /// Once DONE: whether its events were written (else dropped).
+    written: bool,
+}
+
+impl Slot {
+    /// Holding an entry still to be written.
+    fn queued(&self) -> bool {
+        self.state == FILLED || self.state == TAKEN
+    }
+
+    /// Its entry was written, or dropped, at `now`: freed, or kept DONE for
+    /// its waiter, which is returned (to be woken).
+    fn finish(&mut self, written: bool, now: i64) -> Option<*mut pg_sys::PGPROC> {
+        if self.waiter.is_null() {
+            self.state = FREE;
+            return None;
+        }
+        self.state = DONE;
+        self.written = written;
+        self.due = now;
+        Some(self.waiter)
+    }
+
+    /// Whether it can take a new entry at `now`: free, or DONE long enough
+    /// that its waiter is gone (a FATAL error ends a backend without its
+    /// cleanup).
+    fn reusable(&self, now: i64) -> bool {
+        self.state == FREE || (self.state == DONE && now - self.due > DONE_KEPT)
+    }
+
+    /// What became of the entry numbered `sequence`, for its waiter; once
+    /// it is known, the slot is freed (look once).
+    fn outcome(&mut self, sequence: u64) -> Outcome {
+        if self.sequence != sequence || self.waiter.is_null() {
+            return Outcome::Dropped;
+        }
+        match self.state {
+            FILLED | TAKEN => Outcome::Queued,
+            DONE => {
+                self.state = FREE;
+                self.waiter = null_mut();
+                if self.written {
+                    Outcome::Written
+                } else {
+                    Outcome::Dropped
+                }
+            }
+            _ => Outcome::Dropped,
+        }
+    }
+
+    /// Its waiter stops waiting for the entry numbered `sequence`: still
+    /// queued, it is written as usual; done, the slot is freed.
+    fn forget(&mut self, sequence: u64) {
+        if self.sequence != sequence || self.waiter.is_null() {
+            return;
+        }
+        self.waiter = null_mut();
+        if self.state == DONE {
+            self.state = FREE;
+        }
+    }
 }
 
 #[repr(C)]
@@ -204,7 +279,7 @@ impl Shared {
                 let in_use: Vec<pg_sys::Oid> = self
                     .slots
                     .iter()
-                    .filter(|s| s.state != FREE)
+                    .filter(|s| s.queued())
                     .map(|s| s.database)
                     .collect();
                 let empty = self
@@ -243,11 +318,14 @@ impl Shared {
         }
     }
 
-    /// Frees slot `i`, wiping its bytes (they are plaintext).
-    fn free(&mut self, i: usize) {
+    /// Ends slot `i`: its events were written, or dropped. Wipes its bytes
+    /// (they are plaintext); frees it, or keeps it DONE for its waiter.
+    fn finish(&mut self, i: usize, written: bool) {
         let len = self.slots[i].len as usize;
         self.data[i][..len].fill(0);
-        self.slots[i].state = FREE;
+        if let Some(waiter) = self.slots[i].finish(written, now()) {
+            unsafe { wake(waiter) };
+        }
     }
 }
 
@@ -257,42 +335,72 @@ unsafe fn wake(proc_: *mut pg_sys::PGPROC) {
     }
 }
 
+/// A queued entry its backend waits for: the slot, and the entry's
+/// sequence number, which tells it from a later entry in the same slot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ticket {
+    slot: usize,
+    sequence: u64,
+}
+
+/// What became of a waited-for entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Queued,
+    Written,
+    /// Dropped, or no longer known (its slot was reclaimed).
+    Dropped,
+}
+
 /// Puts the first of `parts` that fit into the queue for `database`, wakes
-/// its writer (or the launcher), and returns how many were stored. Stores
-/// nothing for a database that gets no slot (more than `DATABASES` busy).
-/// Safe while a transaction aborts.
-pub fn push(database: pg_sys::Oid, parts: &[Part]) -> usize {
+/// its writer (or the launcher), and returns a ticket for each one stored.
+/// With `wait`, this backend is their waiter: see `outcome` and `forget`.
+/// Stores nothing for a database that gets no slot (more than `DATABASES`
+/// busy). Safe while a transaction aborts.
+pub fn push(database: pg_sys::Oid, parts: &[Part], wait: bool) -> Vec<Ticket> {
     if !available() || parts.is_empty() {
-        return 0;
+        return Vec::new();
     }
+    let now = now();
+    let waiter = if wait {
+        unsafe { pg_sys::MyProc }
+    } else {
+        null_mut()
+    };
     let (stored, wake_up) = locked(|shared| {
         let Some(writer) = shared.database(database).map(|d| d.writer) else {
-            return (0, null_mut());
+            return (Vec::new(), null_mut());
         };
-        let mut stored = 0;
+        let mut stored = Vec::new();
         let start = shared.next_free;
         for k in 0..SLOTS {
-            let Some(part) = parts.get(stored).filter(|p| p.bytes.len() <= SLOT_BYTES) else {
+            let Some(part) = parts
+                .get(stored.len())
+                .filter(|p| p.bytes.len() <= SLOT_BYTES)
+            else {
                 break;
             };
             let i = (start + k) % SLOTS;
-            if shared.slots[i].state != FREE {
+            if !shared.slots[i].reusable(now) {
                 continue;
             }
             shared.data[i][..part.bytes.len()].copy_from_slice(&part.bytes);
+            let sequence = shared.next_sequence;
             shared.slots[i] = Slot {
                 state: FILLED,
                 database,
                 len: part.bytes.len() as u32,
                 attempts: 0,
                 handed_again: 0,
-                sequence: shared.next_sequence,
+                sequence,
                 events: part.events,
                 due: 0,
+                waiter,
+                written: false,
             };
             shared.next_sequence += 1;
             shared.next_free = (i + 1) % SLOTS;
-            stored += 1;
+            stored.push(Ticket { slot: i, sequence });
         }
         let wake_up = if writer.is_null() {
             shared.launcher
@@ -301,10 +409,29 @@ pub fn push(database: pg_sys::Oid, parts: &[Part]) -> usize {
         };
         (stored, wake_up)
     });
-    if stored > 0 {
+    if !stored.is_empty() {
         unsafe { wake(wake_up) };
     }
     stored
+}
+
+/// What became of the entry of `ticket` so far; once it is known, the
+/// slot is freed (look once).
+pub fn outcome(ticket: Ticket) -> Outcome {
+    locked(|shared| shared.slots[ticket.slot].outcome(ticket.sequence))
+}
+
+/// Stops waiting for the entries of `tickets`: those still queued are
+/// written as usual, those done are freed.
+pub fn forget(tickets: &[Ticket]) {
+    if tickets.is_empty() {
+        return;
+    }
+    locked(|shared| {
+        for ticket in tickets {
+            shared.slots[ticket.slot].forget(ticket.sequence);
+        }
+    });
 }
 
 /// Counts `n` events of `database` that could not be queued.
@@ -324,7 +451,7 @@ pub fn databases_waiting() -> Vec<pg_sys::Oid> {
     locked(|shared| {
         let mut waiting: Vec<pg_sys::Oid> = Vec::new();
         // Taken too: a writer that ended with some taken left them behind.
-        for slot in shared.slots.iter().filter(|s| s.state != FREE) {
+        for slot in shared.slots.iter().filter(|s| s.queued()) {
             if !waiting.contains(&slot.database) {
                 waiting.push(slot.database);
             }
@@ -369,9 +496,9 @@ pub fn count_launch(database: pg_sys::Oid) -> bool {
         // No writer runs there: taken slots are orphans of a dead one.
         let mut events = 0;
         for i in 0..SLOTS {
-            if shared.slots[i].database == database && shared.slots[i].state != FREE {
+            if shared.slots[i].database == database && shared.slots[i].queued() {
                 events += shared.slots[i].events;
-                shared.free(i);
+                shared.finish(i, false);
             }
         }
         shared.count_dropped(database, DropReason::NoWriter, events);
@@ -417,7 +544,7 @@ pub fn attach_writer(database: pg_sys::Oid) -> bool {
                 slot.handed_again += 1;
                 if slot.handed_again > MAX_HANDED_AGAIN {
                     poisoned += slot.events;
-                    shared.free(i);
+                    shared.finish(i, false);
                 } else {
                     slot.state = FILLED;
                 }
@@ -506,7 +633,7 @@ pub fn release(database: pg_sys::Oid, slots: &[usize], written: bool) {
             .collect();
         let events: u64 = slots.iter().map(|&i| shared.slots[i].events).sum();
         for &i in &slots {
-            shared.free(i);
+            shared.finish(i, written);
         }
         if written {
             if let Some(d) = shared.database(database) {
@@ -530,7 +657,7 @@ pub fn retry_later(database: pg_sys::Oid, slot: usize) {
         s.attempts += 1;
         if s.attempts > MAX_ATTEMPTS {
             let events = s.events;
-            shared.free(slot);
+            shared.finish(slot, false);
             shared.count_dropped(database, DropReason::LockWait, events);
         } else {
             s.state = FILLED;
@@ -584,7 +711,7 @@ pub fn status(database: pg_sys::Oid) -> (i64, i64, i64, i64) {
         let waiting = shared
             .slots
             .iter()
-            .filter(|s| s.database == database && s.state != FREE)
+            .filter(|s| s.database == database && s.queued())
             .count() as i64;
         let (written, dropped, recorded) = shared
             .databases
@@ -636,7 +763,7 @@ fn unrecorded(shared: &Shared) -> Vec<(u32, DropReason, u64)> {
         let queued: u64 = shared
             .slots
             .iter()
-            .filter(|s| s.state != FREE && s.database == d.oid)
+            .filter(|s| s.queued() && s.database == d.oid)
             .map(|s| s.events)
             .sum();
         for r in REASONS {
@@ -704,6 +831,27 @@ mod tests {
         }
     }
 
+    /// A slot holding entry 7, with a waiter unless `waiter` is false.
+    fn slot(waiter: bool) -> Slot {
+        Slot {
+            state: FILLED,
+            database: pg_sys::Oid::from(1),
+            len: 10,
+            attempts: 0,
+            handed_again: 0,
+            sequence: 7,
+            events: 1,
+            due: 0,
+            // Never dereferenced here: only compared with null.
+            waiter: if waiter {
+                std::ptr::NonNull::dangling().as_ptr()
+            } else {
+                null_mut()
+            },
+            written: false,
+        }
+    }
+
     #[test]
     fn malformed_carried_over_lines_are_skipped() {
         let text = "16384 0 7\n1 6 3\nx 0 1\n1 0\n1 0 1 1\n1 0 -1\n\n2 2 9";
@@ -714,5 +862,66 @@ mod tests {
                 (2, DropReason::NoWriter, 9)
             ]
         );
+    }
+
+    #[test]
+    fn a_waited_entry_is_kept_until_its_waiter_looks() {
+        let mut s = slot(true);
+        assert_eq!(s.outcome(7), Outcome::Queued);
+        s.state = TAKEN;
+        assert_eq!(s.outcome(7), Outcome::Queued);
+        assert!(s.finish(true, 1_000).is_some(), "the waiter is woken");
+        assert_eq!(s.state, DONE);
+        assert!(!s.queued() && !s.reusable(1_000));
+        assert_eq!(s.outcome(7), Outcome::Written);
+        assert_eq!(s.state, FREE);
+        // Looked at once: the slot is someone else's now.
+        assert_eq!(s.outcome(7), Outcome::Dropped);
+    }
+
+    #[test]
+    fn a_dropped_entry_says_so() {
+        let mut s = slot(true);
+        s.finish(false, 0);
+        assert_eq!(s.outcome(7), Outcome::Dropped);
+        assert_eq!(s.state, FREE);
+    }
+
+    #[test]
+    fn an_unwaited_entry_is_freed_at_once() {
+        let mut s = slot(false);
+        assert!(s.finish(true, 0).is_none());
+        assert_eq!(s.state, FREE);
+    }
+
+    #[test]
+    fn another_entry_in_the_slot_is_not_taken_for_the_waited_one() {
+        let mut s = slot(true);
+        s.sequence = 8;
+        assert_eq!(s.outcome(7), Outcome::Dropped);
+        s.forget(7);
+        assert!(!s.waiter.is_null(), "entry 8's waiter stays");
+        assert_eq!(s.outcome(8), Outcome::Queued);
+    }
+
+    #[test]
+    fn a_forgotten_entry_is_still_written_and_then_freed() {
+        let mut s = slot(true);
+        s.forget(7);
+        assert_eq!(s.state, FILLED);
+        assert!(s.finish(true, 0).is_none(), "nobody to wake");
+        assert_eq!(s.state, FREE);
+        let mut done = slot(true);
+        done.finish(true, 0);
+        done.forget(7);
+        assert_eq!(done.state, FREE);
+    }
+
+    #[test]
+    fn a_done_slot_whose_waiter_went_away_is_reused_after_a_while() {
+        let mut s = slot(true);
+        s.finish(true, 5_000);
+        assert!(!s.reusable(5_000 + DONE_KEPT));
+        assert!(s.reusable(5_000 + DONE_KEPT + 1));
     }
 }

@@ -299,7 +299,8 @@ fn record(encoded: &[Vec<u8>]) {
             status: if entry.failed { "error" } else { "ok" },
             sqlstate: entry.sqlstate.as_deref(),
             title: Some(title),
-            table_name: Some(&entry.table_name),
+            // A read of a trail, an unlock: no table.
+            table_name: (!entry.table_name.is_empty()).then_some(entry.table_name.as_str()),
         })
         .collect();
     let contexts: Vec<StatementContext> = entries.iter().map(context).collect();
@@ -321,10 +322,12 @@ fn drafts(entry: &Entry) -> Vec<Draft> {
     let columns: Option<Rc<[String]>> =
         (!entry.columns.is_empty()).then(|| entry.columns.clone().into());
     let payload = || {
-        Some(Zeroizing::new(
-            PayloadWriter::with_note(entry.who.reason.as_deref(), entry.message.as_deref())
-                .finish(),
-        ))
+        (!entry.admin).then(|| {
+            Zeroizing::new(
+                PayloadWriter::with_note(entry.who.reason.as_deref(), entry.message.as_deref())
+                    .finish(),
+            )
+        })
     };
     // Of nobody's: no payload (no erasure could reach it).
     if entry.subjects.is_empty() {

@@ -29,7 +29,7 @@ pub use redact::note_key_statement;
 pub use session::{ensure_unlocked, lock, reader_data_key, unlock, unlock_pending, KeyNotUnlocked};
 #[cfg(any(test, feature = "pg_test"))]
 pub use writer::forget_cached_subjects;
-pub use writer::{note_erased, subject_digest, subject_keys, writer_context};
+pub use writer::{created_here, note_erased, subject_digest, subject_keys, writer_context};
 
 use pgrx::pg_sys;
 

@@ -214,6 +214,35 @@ fn installation_secret() -> (Vec<u8>, bool) {
     }
 }
 
+/// Whether this transaction created, and has not committed yet, the live
+/// key of the subject `digest` or the installation secret: until it
+/// commits, another transaction (the background writer) recording an event
+/// of that subject would wait for it.
+pub fn created_here(digest: &[u8; DIGEST_LEN]) -> bool {
+    let secret_created = WRITER.with(|w| {
+        w.borrow()
+            .digester
+            .as_ref()
+            .is_some_and(|d| d.since.is_some())
+    });
+    if secret_created {
+        return true;
+    }
+    let xmin = store::as_owner(|| {
+        store::select_one::<String>(
+            "SELECT xmin::pg_catalog.text FROM subject_audit.subject_key \
+             WHERE subject_digest OPERATOR(pg_catalog.=) $1 AND erased_at IS NULL",
+            &[digest.to_vec().into()],
+        )
+    });
+    match xmin {
+        Ok(Some(xmin)) => xmin.parse::<u32>().is_ok_and(|xid| unsafe {
+            pg_sys::TransactionIdIsCurrentTransactionId(pg_sys::TransactionId::from(xid))
+        }),
+        _ => false,
+    }
+}
+
 /// The keyed digest of a subject token, as stored in `subject_key`.
 pub fn subject_digest(token: &[u8]) -> [u8; DIGEST_LEN] {
     if let Some(d) = WRITER.with(|w| w.borrow().digester.as_ref().map(|c| c.value.clone())) {

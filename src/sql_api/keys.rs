@@ -61,11 +61,10 @@ fn unlock(private_key: Option<&[u8]>) -> i32 {
     // must not show the key (it may have come through a wrapper function).
     keyring::note_key_statement();
     let private_key = super::required(private_key, "private_key");
-    if let Some(why) = admin::read_only_reason() {
-        admin::refuse_unrecorded("unlock", why);
-    }
-    let (key_id, keys) = keyring::unlock(private_key);
-    admin::record_unlock(key_id, "unlock()");
+    // Recorded before the key is added: a refused unlock adds nothing.
+    let (_, keys) = keyring::unlock(private_key, |key_id| {
+        admin::record_unlock(key_id, "unlock()")
+    });
     keys as i32
 }
 
