@@ -156,7 +156,8 @@ FROM subject_audit.tracked_table t
 LEFT JOIN pg_catalog.pg_attribute a ON a.attrelid = t.relid AND a.attnum = t.subject_attnum;
 
 -- Reporting without a key: metadata only. subject_ref is a short pseudonym
--- (the first 48 bits of the keyed digest), not the token.
+-- (the first 48 bits of the keyed digest), not the token. actor is whatever
+-- the session set; db_role, the role that ran the statement, shows it beside.
 CREATE VIEW subject_audit.events AS
 SELECT e.event_id,
        e.at,
@@ -167,7 +168,8 @@ SELECT e.event_id,
        l.sqlstate,
        l.actor,
        l.changed_columns,
-       substr(encode(k.subject_digest, 'hex'), 1, 12) AS subject_ref
+       substr(encode(k.subject_digest, 'hex'), 1, 12) AS subject_ref,
+       l.db_role
 FROM subject_audit.event e
 LEFT JOIN subject_audit.event_label l USING (label_id)
 LEFT JOIN subject_audit.subject_key k USING (subject_key_id);
