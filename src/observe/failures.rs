@@ -144,6 +144,9 @@ pub unsafe fn plan(
         let rte = pg_sys::list_nth((*stmt).rtable, index - 1) as *mut pg_sys::RangeTblEntry;
         add_table(&mut tables, &mut excluded, Some((*rte).relid));
     }
+    if tables.is_empty() {
+        return None;
+    }
     // A table it only reads can put its values in the error too
     // (`INSERT … SELECT note::int FROM notes`).
     for rte in super::list_items((*stmt).rtable) {
