@@ -186,7 +186,8 @@ LEFT JOIN pg_catalog.pg_attribute a
     ON a.attrelid OPERATOR(pg_catalog.=) t.relid AND a.attnum OPERATOR(pg_catalog.=) t.subject_attnum;
 
 -- Reporting without a key: metadata only. subject_ref is a short pseudonym
--- (the first 48 bits of the keyed digest), not the token.
+-- (the first 48 bits of the keyed digest), not the token. actor is whatever
+-- the session set; db_role, the role that ran the statement, shows it beside.
 CREATE VIEW subject_audit.events AS
 SELECT e.event_id,
        e.at,
@@ -198,7 +199,8 @@ SELECT e.event_id,
        l.sqlstate,
        l.actor,
        l.changed_columns,
-       pg_catalog.substr(pg_catalog.encode(k.subject_digest, 'hex'), 1, 12) AS subject_ref
+       pg_catalog.substr(pg_catalog.encode(k.subject_digest, 'hex'), 1, 12) AS subject_ref,
+       l.db_role
 FROM subject_audit.event e
 LEFT JOIN subject_audit.event_label l ON l.label_id OPERATOR(pg_catalog.=) e.label_id
 LEFT JOIN subject_audit.subject_key k ON k.subject_key_id OPERATOR(pg_catalog.=) e.subject_key_id;

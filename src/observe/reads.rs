@@ -99,8 +99,9 @@ pub unsafe fn plan(
         if target {
             table.title = format!("{} {} returning", command_verb(stmt), table.meta.name);
         }
+        // Excluded columns appear nowhere, not even by name.
         for column in selected_columns(relid, (*rte).selectedCols) {
-            if !table.selected.contains(&column) {
+            if table.meta.column_names.contains(&column) && !table.selected.contains(&column) {
                 table.selected.push(column);
             }
         }
@@ -119,7 +120,7 @@ pub unsafe fn plan(
             };
             let column = (*entry).resorigcol;
             if let Some(name) = column_name(table.relid, column) {
-                if !table.returned.contains(&name) {
+                if table.meta.column_names.contains(&name) && !table.returned.contains(&name) {
                     table.returned.push(name);
                 }
             }
@@ -175,6 +176,10 @@ pub unsafe fn plan_copy_to(node: *mut pg_sys::Node) -> Option<Box<Reading>> {
     } else {
         named
     };
+    let selected = selected
+        .into_iter()
+        .filter(|c| meta.column_names.contains(c))
+        .collect();
     Some(Box::new(Reading {
         tables: vec![ReadTable {
             relid,
@@ -275,6 +280,11 @@ pub fn recordable() -> bool {
 }
 
 impl Reading {
+    /// The excluded columns of the tables it reads.
+    pub fn excluded(&self) -> impl Iterator<Item = &String> {
+        self.tables.iter().flat_map(|t| &t.meta.excluded)
+    }
+
     /// Whether its rows are counted (and subjects noted) by a receiver tap.
     pub fn taps(&self) -> bool {
         self.tapped

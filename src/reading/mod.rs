@@ -34,11 +34,17 @@ pub struct DecryptedEvent {
     pub payload: Option<Payload>,
     /// It had a payload, and the subject's erasure destroyed its key.
     pub erased: bool,
+    /// Its ciphertext failed authentication (tampered with, or moved from
+    /// another event): its payload is not shown, the rest of the trail is.
+    pub unauthenticated: bool,
 }
 
 impl DecryptedEvent {
     /// A sentence: `changed email, phone — ticket #4711`.
     pub fn description(&self) -> String {
+        if self.unauthenticated {
+            return UNAUTHENTICATED.into();
+        }
         let note = self.payload.as_ref().and_then(|p| p.note.as_deref());
         let what = match (self.operation.as_str(), note) {
             // A failed statement: the note is its error message.
@@ -136,6 +142,7 @@ impl DecryptedEvent {
             "before": before,
             "after": after,
             "erased": self.erased,
+            "authenticated": !self.unauthenticated,
         })
     }
 }
@@ -145,6 +152,9 @@ enum Moved {
     Left,
     Came,
 }
+
+/// What an event whose ciphertext fails authentication says instead.
+const UNAUTHENTICATED: &str = "could not be authenticated: its ciphertext does not belong to this event and subject (altered or moved; see subject_audit.verify())";
 
 /// The export document of one subject: `docs/export.md` documents its schema.
 pub fn export_document(token: &str, events: &[DecryptedEvent]) -> Json {
@@ -249,6 +259,7 @@ pub fn subject_events(token: &str, only_event: Option<i64>) -> Vec<DecryptedEven
                     changed_columns: row.get(8)?.unwrap_or_default(),
                     payload: None,
                     erased: false,
+                    unauthenticated: false,
                 };
                 if row.get::<i32>(22)?.is_none() {
                     raise(
@@ -269,7 +280,17 @@ pub fn subject_events(token: &str, only_event: Option<i64>) -> Vec<DecryptedEven
                         nonce: row.get::<Vec<u8>>(11)?.unwrap_or_default(),
                         ciphertext,
                     };
-                    event.payload = Some(decrypt(&event, &stored, &digest, &salt, &mut keys));
+                    match decrypt(&event, &stored, &digest, &salt, &mut keys) {
+                        Some(payload) => event.payload = Some(payload),
+                        // One bad event must not hide the rest of the trail.
+                        None => {
+                            pgrx::warning!(
+                                "event {} could not be authenticated: its values are not shown",
+                                event.event_id
+                            );
+                            event.unauthenticated = true;
+                        }
+                    }
                 }
                 events.push(event);
             }
@@ -304,13 +325,11 @@ fn decrypt(
     digest: &[u8],
     salt: &[u8],
     keys: &mut DataKeys,
-) -> Payload {
+) -> Option<Payload> {
     let event_id = event.event_id;
+    // No context to derive a key from: as unauthenticated as a bad tag.
     let (Some(context_id), Some(key_id)) = (stored.context_id, stored.key_id) else {
-        raise(
-            ERRCODE_DATA_CORRUPTED,
-            format!("event {event_id} names no writer context"),
-        );
+        return None;
     };
     let key = keys.entry((context_id, stored.subject_key_id)).or_insert_with(|| {
         let key = keyring::reader_data_key(context_id, key_id, &stored.encapsulated_key, salt)
@@ -335,10 +354,5 @@ fn decrypt(
             Some(&columns),
         ),
     };
-    envelope::open_event(key, &stored.nonce, &binding, &stored.ciphertext).unwrap_or_else(|_| {
-        raise(
-            ERRCODE_DATA_CORRUPTED,
-            format!("event {event_id} failed authentication: its ciphertext does not belong to this event and subject"),
-        )
-    })
+    envelope::open_event(key, &stored.nonce, &binding, &stored.ciphertext).ok()
 }
