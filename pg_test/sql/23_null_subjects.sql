@@ -60,6 +60,9 @@ BEGIN RAISE EXCEPTION 'plan % is locked', OLD.plan; END $$;
 CREATE TRIGGER refuse_gold BEFORE UPDATE ON customers FOR EACH ROW WHEN (OLD.plan = 'gold')
     EXECUTE FUNCTION refuse_gold();
 UPDATE customers SET plan = 'platinum' WHERE id = 105;
+-- The read and the failure are written by the background writer: wait, so
+-- that the events below list in statement order.
+SELECT subject_audit.wait_for_writer();
 DELETE FROM customers WHERE id = 107;
 SELECT subject_audit.wait_for_writer();
 SELECT subject_audit.forget_subject('c-5') AS events_of_c5;
