@@ -14,7 +14,7 @@ use crate::store::{self, error::raise_with_hint};
 
 static REQUIRE_RECORDED_READS: GucSetting<bool> = GucSetting::<bool>::new(false);
 
-/// Defines `subject_audit.require_recorded_reads` (read by name where needed).
+/// Defines `subject_audit.require_recorded_reads` (observe reads it by name: it sits below this module).
 pub fn init() {
     GucRegistry::define_bool_guc(
         c"subject_audit.require_recorded_reads",
@@ -44,7 +44,7 @@ pub fn read_only_reason() -> Option<&'static str> {
 }
 
 fn require_recorded_reads() -> bool {
-    store::setting(c"subject_audit.require_recorded_reads").as_deref() == Some("on")
+    REQUIRE_RECORDED_READS.get()
 }
 
 /// Where an access (a read of a trail, an unlock) is recorded.
