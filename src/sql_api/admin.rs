@@ -10,7 +10,7 @@ use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting};
 
 use crate::deferred::{self, Entry, NotRecorded};
 use crate::recorder::{self, Draft, Header, StatementContext, Subject};
-use crate::store::{self, error::raise_with_hint};
+use crate::store::error::raise_with_hint;
 
 static REQUIRE_RECORDED_READS: GucSetting<bool> = GucSetting::<bool>::new(false);
 
