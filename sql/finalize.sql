@@ -1,3 +1,73 @@
+-- Capture health. Here rather than in bootstrap.sql: the views name the
+-- trigger function, which exists only now.
+
+-- Every capture trigger of a tracked table and of its partitions that does
+-- not capture as track() made it: missing, calling another function,
+-- narrowed (other events, a column list, a WHEN clause), disabled, or firing
+-- only in origin or replica mode (not ALWAYS). The names and pg_trigger.tgtype
+-- are those of src/sql_api/capture_triggers.rs. Walks pg_inherits, not
+-- pg_partition_tree (which locks every partition): the utility hook reads it
+-- around DDL.
+CREATE VIEW subject_audit.trigger_gaps AS
+WITH RECURSIVE tables(tracked, relid) AS (
+    SELECT t.relid, t.relid::oid FROM subject_audit.tracked_table t
+    UNION
+    SELECT tables.tracked, i.inhrelid FROM pg_catalog.pg_inherits i JOIN tables ON i.inhparent = tables.relid
+), expected(tgname, tgtype) AS (
+    VALUES ('subject_audit_capture_insert'::name, 4::smallint),
+           ('subject_audit_capture_update', 16),
+           ('subject_audit_capture_delete', 8),
+           ('subject_audit_capture_truncate', 34)
+)
+SELECT tables.tracked,
+       pg_catalog.format('%I.%I', n.nspname, c.relname) AS table_name,
+       e.tgname AS trigger_name,
+       CASE WHEN g.oid IS NULL THEN 'missing'
+            WHEN g.tgfoid <> 'subject_audit.capture_change()'::regprocedure THEN 'calls another function'
+            WHEN g.tgtype <> e.tgtype OR g.tgqual IS NOT NULL OR cardinality(g.tgattr::smallint[]) > 0 THEN 'narrowed'
+            WHEN g.tgenabled = 'D' THEN 'disabled'
+            WHEN g.tgenabled = 'R' THEN 'fires only in replica mode'
+            ELSE 'fires only in origin mode' END AS problem
+FROM tables
+JOIN pg_catalog.pg_class c ON c.oid = tables.relid
+JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+CROSS JOIN expected e
+LEFT JOIN pg_catalog.pg_trigger g ON g.tgrelid = tables.relid AND g.tgname = e.tgname
+WHERE g.oid IS NULL OR g.tgfoid <> 'subject_audit.capture_change()'::regprocedure
+   OR g.tgtype <> e.tgtype OR g.tgqual IS NOT NULL OR cardinality(g.tgattr::smallint[]) > 0
+   OR g.tgenabled <> 'A';
+
+CREATE VIEW subject_audit.tracked AS
+SELECT t.relid AS table_name,
+       a.attname AS subject_column,
+       ARRAY(SELECT x.attname FROM pg_catalog.pg_attribute x
+             WHERE x.attrelid = t.relid AND x.attnum = ANY (t.exclude_attnums)
+             ORDER BY x.attnum)::name[] AS exclude_columns,
+       t.since,
+       cardinality(p.problems) = 0 AS capture_ok,
+       p.problems
+FROM subject_audit.tracked_table t
+JOIN pg_catalog.pg_class c ON c.oid = t.relid
+JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+LEFT JOIN pg_catalog.pg_attribute a ON a.attrelid = t.relid AND a.attnum = t.subject_attnum
+CROSS JOIN LATERAL (SELECT
+    ARRAY(SELECT pg_catalog.format('%s: %s %s', g.table_name, g.trigger_name, g.problem)
+          FROM subject_audit.trigger_gaps g WHERE g.tracked = t.relid
+          ORDER BY g.table_name, g.trigger_name)
+    || CASE WHEN pg_catalog.format('%I.%I', n.nspname, c.relname) <> t.tracked_as
+            THEN ARRAY[pg_catalog.format('renamed: tracked as %s, now %s; %s', t.tracked_as,
+                       pg_catalog.format('%I.%I', n.nspname, c.relname),
+                       CASE WHEN pg_catalog.to_regclass(t.tracked_as) IS NULL
+                            THEN pg_catalog.format('no table is named %s', t.tracked_as)
+                            ELSE pg_catalog.format('%s now names another table', t.tracked_as) END)]
+            ELSE '{}'::text[] END AS problems) p;
+COMMENT ON VIEW subject_audit.tracked IS
+    'Tracked tables and the health of their capture; subject_audit.track() run again repairs what problems lists.';
+COMMENT ON COLUMN subject_audit.tracked.capture_ok IS
+    'Every change to the table is captured: all capture triggers present, unchanged and firing ALWAYS (on its partitions too), and the table still goes by the name it was tracked under.';
+COMMENT ON COLUMN subject_audit.tracked.problems IS
+    'What stands between the table and full capture, one line each: a capture trigger missing, disabled, firing only in origin or replica mode, narrowed or calling another function; the table renamed since track() (whatever took its old name is not captured).';
+
 -- Privileges. Nothing in the schema is usable by PUBLIC: capture runs inside
 -- the trigger and writes with the extension's own rights, so writers need no
 -- grant at all. Everything else is handed out by grant_writer(),
