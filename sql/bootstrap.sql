@@ -1,5 +1,24 @@
 -- pg_subject_audit: storage. Nothing here holds personal plaintext: payloads
 -- are AES-256-GCM ciphertext, subjects are keyed digests.
+-- Functions and operators are schema-qualified, as in every query of the
+-- extension: names here are resolved once, as this script runs, and no object
+-- of another schema on the script's path may stand in for a built-in.
+
+-- The schema must be the extension's own. CREATE EXTENSION takes one that
+-- exists already: created beforehand by a role that is no superuser (say the
+-- database's owner), its owner could add functions to it (an unlock(text)
+-- that a caller's literal key would reach before ours) and grant them to all.
+DO $$
+BEGIN
+    IF NOT (SELECT r.rolsuper FROM pg_catalog.pg_namespace n
+            JOIN pg_catalog.pg_roles r ON r.oid OPERATOR(pg_catalog.=) n.nspowner
+            WHERE n.nspname OPERATOR(pg_catalog.=) 'subject_audit') THEN
+        RAISE EXCEPTION 'schema subject_audit exists and is owned by a role that is not a superuser'
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'Drop it, or make a superuser its owner, before CREATE EXTENSION pg_subject_audit.';
+    END IF;
+END
+$$;
 
 -- One row: the secret that keys subject digests (HMAC-SHA256). Readable only
 -- by the extension owner; the extension's functions use it on the caller's behalf.
@@ -7,16 +26,16 @@
 -- brings the original one back into a fresh CREATE EXTENSION.
 CREATE TABLE subject_audit.installation (
     singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),
-    subject_secret bytea NOT NULL CHECK (length(subject_secret) = 32),
-    created_at timestamptz NOT NULL DEFAULT now()
+    subject_secret bytea NOT NULL CHECK (pg_catalog.length(subject_secret) OPERATOR(pg_catalog.=) 32),
+    created_at timestamptz NOT NULL DEFAULT pg_catalog.now()
 );
 
 -- Reader public keys (X25519). The active writer key is the newest one not retired.
 CREATE SEQUENCE subject_audit.writer_key_key_id_seq AS integer;
 CREATE TABLE subject_audit.writer_key (
-    key_id integer PRIMARY KEY DEFAULT nextval('subject_audit.writer_key_key_id_seq'),
-    public_key bytea NOT NULL UNIQUE CHECK (length(public_key) = 32),
-    installed_at timestamptz NOT NULL DEFAULT now(),
+    key_id integer PRIMARY KEY DEFAULT pg_catalog.nextval('subject_audit.writer_key_key_id_seq'::pg_catalog.regclass),
+    public_key bytea NOT NULL UNIQUE CHECK (pg_catalog.length(public_key) OPERATOR(pg_catalog.=) 32),
+    installed_at timestamptz NOT NULL DEFAULT pg_catalog.now(),
     installed_by name NOT NULL DEFAULT session_user,
     retired_at timestamptz
 );
@@ -28,22 +47,25 @@ CREATE TABLE subject_audit.writer_key (
 -- parallel, in any order (only the extension writes them, and never deletes).
 CREATE SEQUENCE subject_audit.writer_context_context_id_seq AS bigint;
 CREATE TABLE subject_audit.writer_context (
-    context_id bigint PRIMARY KEY DEFAULT nextval('subject_audit.writer_context_context_id_seq'),
+    context_id bigint PRIMARY KEY DEFAULT pg_catalog.nextval('subject_audit.writer_context_context_id_seq'::pg_catalog.regclass),
     key_id integer NOT NULL,
     encapsulated_key bytea NOT NULL,
-    created_at timestamptz NOT NULL DEFAULT now()
+    created_at timestamptz NOT NULL DEFAULT pg_catalog.now()
 );
 
 -- Per-subject random salts: the HPKE exporter context of each subject's data
 -- key. Erasing a subject deletes its salt (crypto-shredding); a later event
--- for the same token starts a new subject key.
+-- for the same token starts a new subject key. salt_hash, the SHA-256 of the
+-- salt (32 random bytes: it reveals nothing), is set with it and kept when
+-- it is erased: ledger blocks commit to it, and verify() checks salts against it.
 CREATE SEQUENCE subject_audit.subject_key_subject_key_id_seq AS bigint;
 CREATE TABLE subject_audit.subject_key (
-    subject_key_id bigint PRIMARY KEY DEFAULT nextval('subject_audit.subject_key_subject_key_id_seq'),
+    subject_key_id bigint PRIMARY KEY DEFAULT pg_catalog.nextval('subject_audit.subject_key_subject_key_id_seq'::pg_catalog.regclass),
     subject_digest bytea NOT NULL,
-    salt bytea CHECK (length(salt) = 32),
+    salt bytea CHECK (pg_catalog.length(salt) OPERATOR(pg_catalog.=) 32),
+    salt_hash bytea CHECK (pg_catalog.length(salt_hash) OPERATOR(pg_catalog.=) 32),
     erased_at timestamptz,
-    CHECK ((salt IS NULL) = (erased_at IS NOT NULL))
+    CHECK ((salt IS NULL) OPERATOR(pg_catalog.=) (erased_at IS NOT NULL))
 );
 -- One index serves every lookup: a subject's live key (erased_at NULL, at most
 -- one: NULLS NOT DISTINCT) and all its keys (the digest prefix).
@@ -55,7 +77,7 @@ CREATE TABLE subject_audit.tracked_table (
     relid regclass PRIMARY KEY,
     subject_attnum smallint NOT NULL,
     exclude_attnums smallint[] NOT NULL DEFAULT '{}',
-    since timestamptz NOT NULL DEFAULT now(),
+    since timestamptz NOT NULL DEFAULT pg_catalog.now(),
     tracked_as text NOT NULL
 );
 
@@ -69,7 +91,7 @@ CREATE SEQUENCE subject_audit.event_event_id_seq AS bigint;
 -- (harmless: events hash the label's fields, not its id).
 CREATE SEQUENCE subject_audit.event_label_label_id_seq AS integer;
 CREATE TABLE subject_audit.event_label (
-    label_id integer PRIMARY KEY DEFAULT nextval('subject_audit.event_label_label_id_seq'),
+    label_id integer PRIMARY KEY DEFAULT pg_catalog.nextval('subject_audit.event_label_label_id_seq'::pg_catalog.regclass),
     label_digest bytea NOT NULL,
     operation text NOT NULL,
     status text NOT NULL,
@@ -87,7 +109,7 @@ CREATE INDEX event_label_digest ON subject_audit.event_label (label_digest);
 -- One row per event. Column order matters: capture writes tuples directly
 -- (fixed-width columns first, so no alignment padding).
 CREATE TABLE subject_audit.event (
-    event_id bigint PRIMARY KEY DEFAULT nextval('subject_audit.event_event_id_seq'),
+    event_id bigint PRIMARY KEY DEFAULT pg_catalog.nextval('subject_audit.event_event_id_seq'::pg_catalog.regclass),
     at timestamptz NOT NULL,
     txid bigint NOT NULL,           -- top-level transaction id (epoch-extended)
     subject_key_id bigint,
@@ -118,6 +140,10 @@ CREATE INDEX event_txid ON subject_audit.event USING brin (txid) WITH (pages_per
 -- where to_txid was the sealing snapshot's xmin (all older transactions had
 -- finished). merkle_root covers those events' row_hash in event_id order;
 -- block_hash covers the block's fields and the previous block's hash.
+-- subject_keys_digest and writer_contexts_digest cover the subject_key rows
+-- (id, digest, salt_hash) and writer_context rows (id, key_id,
+-- encapsulated_key) its events name, as they were at sealing; NULL in blocks
+-- sealed before blocks had them.
 CREATE TABLE subject_audit.block (
     block_id bigint PRIMARY KEY,
     from_txid bigint NOT NULL,
@@ -128,7 +154,9 @@ CREATE TABLE subject_audit.block (
     merkle_root bytea NOT NULL,
     previous_hash bytea NOT NULL,
     block_hash bytea NOT NULL,
-    sealed_at timestamptz NOT NULL DEFAULT now()
+    subject_keys_digest bytea,
+    writer_contexts_digest bytea,
+    sealed_at timestamptz NOT NULL DEFAULT pg_catalog.now()
 );
 
 -- Append-only, for every role including the owner: events and blocks are
@@ -149,33 +177,36 @@ CREATE TRIGGER append_only BEFORE UPDATE OR DELETE OR TRUNCATE ON subject_audit.
     FOR EACH STATEMENT EXECUTE FUNCTION subject_audit.refuse_change();
 
 -- Reporting without a key: metadata only. subject_ref is a short pseudonym
--- (the first 48 bits of the keyed digest), not the token.
+-- (the first 48 bits of the keyed digest), not the token. actor is whatever
+-- the session set; db_role, the role that ran the statement, shows it beside.
 CREATE VIEW subject_audit.events AS
 SELECT e.event_id,
        e.at,
        l.table_name,
        l.operation,
-       coalesce(nullif(e.title, ''), lower(l.operation) || ' ' || l.table_name) AS title,
+       CASE WHEN e.title OPERATOR(pg_catalog.<>) '' THEN e.title
+            ELSE pg_catalog.lower(l.operation) OPERATOR(pg_catalog.||) ' ' OPERATOR(pg_catalog.||) l.table_name END AS title,
        l.status,
        l.sqlstate,
        l.actor,
        l.changed_columns,
-       substr(encode(k.subject_digest, 'hex'), 1, 12) AS subject_ref
+       pg_catalog.substr(pg_catalog.encode(k.subject_digest, 'hex'), 1, 12) AS subject_ref,
+       l.db_role
 FROM subject_audit.event e
-LEFT JOIN subject_audit.event_label l USING (label_id)
-LEFT JOIN subject_audit.subject_key k USING (subject_key_id);
+LEFT JOIN subject_audit.event_label l ON l.label_id OPERATOR(pg_catalog.=) e.label_id
+LEFT JOIN subject_audit.subject_key k ON k.subject_key_id OPERATOR(pg_catalog.=) e.subject_key_id;
 
 -- Reporting without a key: events per day (in the session's time zone),
 -- table, operation and status, and how many distinct subjects they touched.
 CREATE VIEW subject_audit.activity AS
-SELECT e.at::date AS day,
+SELECT e.at::pg_catalog.date AS day,
        l.table_name,
        l.operation,
        l.status,
-       count(*) AS events,
-       count(DISTINCT e.subject_key_id) AS subjects
+       pg_catalog.count(*) AS events,
+       pg_catalog.count(DISTINCT e.subject_key_id) AS subjects
 FROM subject_audit.event e
-LEFT JOIN subject_audit.event_label l USING (label_id)
+LEFT JOIN subject_audit.event_label l ON l.label_id OPERATOR(pg_catalog.=) e.label_id
 GROUP BY 1, 2, 3, 4
 ORDER BY 1, 2, 3, 4;
 

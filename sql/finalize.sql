@@ -10,11 +10,11 @@
 -- around DDL.
 CREATE VIEW subject_audit.trigger_gaps AS
 WITH RECURSIVE tables(tracked, relid) AS (
-    SELECT t.relid, t.relid::oid FROM subject_audit.tracked_table t
+    SELECT t.relid, t.relid::pg_catalog.oid FROM subject_audit.tracked_table t
     UNION
-    SELECT tables.tracked, i.inhrelid FROM pg_catalog.pg_inherits i JOIN tables ON i.inhparent = tables.relid
+    SELECT tables.tracked, i.inhrelid FROM pg_catalog.pg_inherits i JOIN tables ON i.inhparent OPERATOR(pg_catalog.=) tables.relid
 ), expected(tgname, tgtype) AS (
-    VALUES ('subject_audit_capture_insert'::name, 4::smallint),
+    VALUES ('subject_audit_capture_insert'::pg_catalog.name, 4::pg_catalog.int2),
            ('subject_audit_capture_update', 16),
            ('subject_audit_capture_delete', 8),
            ('subject_audit_capture_truncate', 34)
@@ -23,44 +23,50 @@ SELECT tables.tracked,
        pg_catalog.format('%I.%I', n.nspname, c.relname) AS table_name,
        e.tgname AS trigger_name,
        CASE WHEN g.oid IS NULL THEN 'missing'
-            WHEN g.tgfoid <> 'subject_audit.capture_change()'::regprocedure THEN 'calls another function'
-            WHEN g.tgtype <> e.tgtype OR g.tgqual IS NOT NULL OR cardinality(g.tgattr::smallint[]) > 0 THEN 'narrowed'
-            WHEN g.tgenabled = 'D' THEN 'disabled'
-            WHEN g.tgenabled = 'R' THEN 'fires only in replica mode'
+            WHEN g.tgfoid OPERATOR(pg_catalog.<>) 'subject_audit.capture_change()'::pg_catalog.regprocedure THEN 'calls another function'
+            WHEN g.tgtype OPERATOR(pg_catalog.<>) e.tgtype OR g.tgqual IS NOT NULL
+                 OR pg_catalog.cardinality(g.tgattr::pg_catalog.int2[]) OPERATOR(pg_catalog.>) 0 THEN 'narrowed'
+            WHEN g.tgenabled OPERATOR(pg_catalog.=) 'D' THEN 'disabled'
+            WHEN g.tgenabled OPERATOR(pg_catalog.=) 'R' THEN 'fires only in replica mode'
             ELSE 'fires only in origin mode' END AS problem
 FROM tables
-JOIN pg_catalog.pg_class c ON c.oid = tables.relid
-JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) tables.relid
+JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace
 CROSS JOIN expected e
-LEFT JOIN pg_catalog.pg_trigger g ON g.tgrelid = tables.relid AND g.tgname = e.tgname
-WHERE g.oid IS NULL OR g.tgfoid <> 'subject_audit.capture_change()'::regprocedure
-   OR g.tgtype <> e.tgtype OR g.tgqual IS NOT NULL OR cardinality(g.tgattr::smallint[]) > 0
-   OR g.tgenabled <> 'A';
+LEFT JOIN pg_catalog.pg_trigger g ON g.tgrelid OPERATOR(pg_catalog.=) tables.relid
+    AND g.tgname OPERATOR(pg_catalog.=) e.tgname
+WHERE g.oid IS NULL
+   OR g.tgfoid OPERATOR(pg_catalog.<>) 'subject_audit.capture_change()'::pg_catalog.regprocedure
+   OR g.tgtype OPERATOR(pg_catalog.<>) e.tgtype OR g.tgqual IS NOT NULL
+   OR pg_catalog.cardinality(g.tgattr::pg_catalog.int2[]) OPERATOR(pg_catalog.>) 0
+   OR g.tgenabled OPERATOR(pg_catalog.<>) 'A';
 
 CREATE VIEW subject_audit.tracked AS
 SELECT t.relid AS table_name,
        a.attname AS subject_column,
        ARRAY(SELECT x.attname FROM pg_catalog.pg_attribute x
-             WHERE x.attrelid = t.relid AND x.attnum = ANY (t.exclude_attnums)
-             ORDER BY x.attnum)::name[] AS exclude_columns,
+             WHERE x.attrelid OPERATOR(pg_catalog.=) t.relid
+               AND x.attnum OPERATOR(pg_catalog.=) ANY (t.exclude_attnums)
+             ORDER BY x.attnum)::pg_catalog.name[] AS exclude_columns,
        t.since,
-       cardinality(p.problems) = 0 AS capture_ok,
+       pg_catalog.cardinality(p.problems) OPERATOR(pg_catalog.=) 0 AS capture_ok,
        p.problems
 FROM subject_audit.tracked_table t
-JOIN pg_catalog.pg_class c ON c.oid = t.relid
-JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
-LEFT JOIN pg_catalog.pg_attribute a ON a.attrelid = t.relid AND a.attnum = t.subject_attnum
+JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) t.relid
+JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace
+LEFT JOIN pg_catalog.pg_attribute a ON a.attrelid OPERATOR(pg_catalog.=) t.relid
+    AND a.attnum OPERATOR(pg_catalog.=) t.subject_attnum
 CROSS JOIN LATERAL (SELECT
     ARRAY(SELECT pg_catalog.format('%s: %s %s', g.table_name, g.trigger_name, g.problem)
-          FROM subject_audit.trigger_gaps g WHERE g.tracked = t.relid
+          FROM subject_audit.trigger_gaps g WHERE g.tracked OPERATOR(pg_catalog.=) t.relid
           ORDER BY g.table_name, g.trigger_name)
-    || CASE WHEN pg_catalog.format('%I.%I', n.nspname, c.relname) <> t.tracked_as
+    OPERATOR(pg_catalog.||) CASE WHEN pg_catalog.format('%I.%I', n.nspname, c.relname) OPERATOR(pg_catalog.<>) t.tracked_as
             THEN ARRAY[pg_catalog.format('renamed: tracked as %s, now %s; %s', t.tracked_as,
                        pg_catalog.format('%I.%I', n.nspname, c.relname),
                        CASE WHEN pg_catalog.to_regclass(t.tracked_as) IS NULL
                             THEN pg_catalog.format('no table is named %s', t.tracked_as)
                             ELSE pg_catalog.format('%s now names another table', t.tracked_as) END)]
-            ELSE '{}'::text[] END AS problems) p;
+            ELSE '{}'::pg_catalog.text[] END AS problems) p;
 COMMENT ON VIEW subject_audit.tracked IS
     'Tracked tables and the health of their capture; subject_audit.track() run again repairs what problems lists.';
 COMMENT ON COLUMN subject_audit.tracked.capture_ok IS
@@ -84,12 +90,13 @@ REVOKE ALL ON ALL FUNCTIONS IN SCHEMA subject_audit FROM PUBLIC;
 -- time.
 DO $$
 DECLARE
-    f regprocedure;
+    f pg_catalog.regprocedure;
 BEGIN
     FOR f IN SELECT p.oid::regprocedure FROM pg_catalog.pg_proc p
-             WHERE p.pronamespace = 'subject_audit'::regnamespace AND p.proname OPERATOR(pg_catalog.<>) 'capture_change'
+             WHERE p.pronamespace OPERATOR(pg_catalog.=) 'subject_audit'::pg_catalog.regnamespace
+               AND p.proname OPERATOR(pg_catalog.<>) 'capture_change'
     LOOP
-        EXECUTE format('ALTER FUNCTION %s SET search_path = pg_catalog, pg_temp', f);
+        EXECUTE pg_catalog.format('ALTER FUNCTION %s SET search_path = pg_catalog, pg_temp', f);
     END LOOP;
 END
 $$;

@@ -76,7 +76,8 @@ SELECT count(*) FROM subject_audit.audit_for_subject('zoe@example.org');
 SELECT subject_audit.unlock(:'sk');
 SELECT operation, before, after FROM subject_audit.audit_for_subject('zoe@example.org');
 
--- 4. Ciphertext is bound to its event and subject: moved, it fails cleanly.
+-- 4. Ciphertext is bound to its event and subject: moved, it fails authentication;
+-- that event is marked (a WARNING names it) and the rest of the trail is read.
 SELECT min(event_id) AS zoe_1, max(event_id) AS zoe_2 FROM subject_audit.audit_for_subject('zoe@example.org') \gset
 SELECT min(event_id) AS yan_1 FROM subject_audit.audit_for_subject('yan@example.org') \gset
 -- (Events are append-only; only a superuser switching triggers off can move them.)
@@ -96,14 +97,17 @@ UPDATE subject_audit.event e SET nonce = s.nonce, payload = s.payload FROM saved
 UPDATE subject_audit.event SET payload = set_byte(payload, 5, get_byte(payload, 5) # 1) WHERE event_id = :zoe_2;
 SELECT count(*) FROM subject_audit.audit_for_subject('zoe@example.org');
 UPDATE subject_audit.event e SET nonce = s.nonce, payload = s.payload FROM saved s WHERE e.event_id = s.event_id;
-SELECT count(*) AS zoe_events_readable_again FROM subject_audit.audit_for_subject('zoe@example.org');
+SELECT count(*) AS zoe_events_readable_again,
+       count(*) FILTER (WHERE description LIKE 'could not be authenticated%') AS unauthenticated
+FROM subject_audit.audit_for_subject('zoe@example.org');
 -- (d) the same event, only re-attributed to Yan's subject key
 BEGIN;
 UPDATE subject_audit.event SET subject_key_id = (SELECT subject_key_id FROM subject_audit.event WHERE event_id = :yan_1)
 WHERE event_id = :zoe_2;
 SELECT count(*) FROM subject_audit.audit_for_subject('yan@example.org');
 ROLLBACK;
--- (e) the subject keys themselves swapped between Zoë and Yan: Zoë must not be shown Yan's trail
+-- (e) the subject keys themselves swapped between Zoë and Yan: Zoë is shown none of Yan's
+-- values (each of his events fails authentication under her digest, and is marked)
 BEGIN;
 SELECT subject_key_id AS zoe_key, subject_digest AS zoe_digest FROM subject_audit.subject_key
 WHERE subject_key_id = (SELECT subject_key_id FROM subject_audit.event WHERE event_id = :zoe_1) \gset

@@ -1,6 +1,7 @@
 -- Who looked: reads of the trail are events in it, across sessions; the
 -- application records its own accesses; the export document; reporting
--- views without a key; reads in a read-only transaction and on a standby.
+-- views without a key; reads in a read-only or rolled-back transaction and on
+-- a standby.
 CREATE EXTENSION pg_subject_audit;
 SELECT public_key AS pk, encode(private_key, 'hex') AS sk FROM subject_audit.generate_keypair() \gset
 SELECT subject_audit.install_public_key(:'pk');
@@ -41,7 +42,8 @@ SELECT operation, title, status, description, actor FROM subject_audit.audit_for
 SELECT max(event_id) AS ann_update FROM subject_audit.audit_for_subject('p-1') WHERE operation = 'UPDATE' \gset
 SELECT * FROM subject_audit.audit_event('p-1', :ann_update);
 COMMIT;
--- A read that rolls back leaves no record (it is part of the reader's transaction).
+-- A read that rolls back is recorded all the same: the background writer
+-- committed its event, in a transaction of its own, before the read returned.
 BEGIN;
 SELECT count(*) FROM subject_audit.audit_for_subject('p-1');
 ROLLBACK;
@@ -51,14 +53,15 @@ ROLLBACK;
 SELECT operation, title, description, actor FROM subject_audit.audit_for_subject('p-1');
 SELECT operation, title, description FROM subject_audit.audit_for_subject('p-2');
 
--- In a read-only transaction the read works and says it is not recorded.
+-- In a read-only transaction the read works and is recorded (by the writer).
 BEGIN READ ONLY;
 SELECT count(*) AS events FROM subject_audit.audit_for_subject('p-1');
 SELECT count(*) AS columns FROM subject_audit.audit_event('p-1', :ann_update);
 SELECT subject_audit.export_subject('p-1') -> 'event_count' AS exported;
 COMMIT;
 SELECT count(*) FILTER (WHERE operation = 'READ') AS reads_of_ann FROM subject_audit.audit_for_subject('p-1');
--- With subject_audit.require_recorded_reads on (superuser-only), such reads are refused.
+-- With subject_audit.require_recorded_reads on (superuser-only) too: the event is
+-- committed before the rows return, whatever becomes of this transaction.
 SET subject_audit.require_recorded_reads = on;
 BEGIN READ ONLY;
 SELECT count(*) FROM subject_audit.audit_for_subject('p-1');
@@ -103,7 +106,8 @@ FROM subject_audit.event e JOIN subject_audit.event_label l USING (label_id),
 WHERE e::text LIKE '%' || n.needle || '%' OR l::text LIKE '%' || n.needle || '%'
    OR position(convert_to(n.needle, 'UTF8') IN coalesce(e.payload, '')) > 0;
 
--- On a hot standby the read works too, with the same NOTICE.
+-- On a hot standby nothing can be written: the read works, with a NOTICE that
+-- it is not recorded (refused with require_recorded_reads, see 24_recorded_reads).
 -- @standby
 SELECT sk FROM test_key \gset
 \set reader 'dbname=' :DBNAME ' options=-csubject_audit.session_key=' :sk

@@ -182,29 +182,33 @@ pub unsafe fn on_statement(trigger: &pg_sys::TriggerData) {
         pg_sys::MemoryContextSwitchTo(previous);
         pg_sys::MemoryContextReset(row_memory);
     };
-    // The payload of a row recorded whole, as INSERT records it (after) or
-    // DELETE and TRUNCATE do (before).
-    let whole_row = |row: &Row, insert: bool| {
-        let mut payload = PayloadWriter::new(reason);
-        for column in &meta.columns {
-            let value = format_value(column, row);
-            let (before, after) = if insert {
-                (Value::Absent, value)
-            } else {
-                (value, Value::Absent)
-            };
-            payload.column(column.json, before, after);
-        }
+    // A row recorded whole, under its owner: after as INSERT records it (and
+    // its new subject a change of subject), before as DELETE and TRUNCATE do
+    // (and its old subject). A row of nobody's gets the names, no values.
+    let whole_row = |row: &Row, subject: Subject, insert: bool| {
+        let payload = (subject != Subject::Nobody).then(|| {
+            let mut payload = PayloadWriter::new(reason);
+            for column in &meta.columns {
+                let value = format_value(column, row);
+                let (before, after) = if insert {
+                    (Value::Absent, value)
+                } else {
+                    (value, Value::Absent)
+                };
+                payload.column(column.json, before, after);
+            }
+            payload.finish().into()
+        });
         Draft {
-            subject: subject_of(&meta, row),
+            subject,
             columns: Some(meta.column_names.clone()),
-            payload: Some(payload.finish().into()),
+            payload,
         }
     };
     match operation {
         Operation::Truncate => {
             scan_rows(relation, (*trigger.tg_trigger).tgfoid, &mut |row| {
-                in_row_memory(&mut || events.push(whole_row(row, false)));
+                in_row_memory(&mut || events.push(whole_row(row, subject_of(&meta, row), false)));
                 flush_full(&mut events);
             });
         }
@@ -216,7 +220,10 @@ pub unsafe fn on_statement(trigger: &pg_sys::TriggerData) {
             };
             let mut reader = TransitionReader::new(store, tupdesc);
             while reader.next() {
-                in_row_memory(&mut || events.push(whole_row(reader.row(), insert)));
+                in_row_memory(&mut || {
+                    let row = reader.row();
+                    events.push(whole_row(row, subject_of(&meta, row), insert))
+                });
                 flush_full(&mut events);
             }
             reader.finish();
@@ -244,17 +251,6 @@ pub unsafe fn on_statement(trigger: &pg_sys::TriggerData) {
                             names
                         }
                     };
-                    let mut payload = PayloadWriter::new(reason);
-                    for &i in &changed {
-                        let column = &meta.columns[i];
-                        payload.column(
-                            column.json,
-                            format_value(column, before),
-                            format_value(column, after),
-                        );
-                    }
-                    let payload = payload.finish();
-                    // A change of subject concerns both people: each gets the event.
                     let old_subject = subject_of(&meta, before);
                     let new_subject = if same_value(&meta.subject, before, after) {
                         old_subject
@@ -262,16 +258,38 @@ pub unsafe fn on_statement(trigger: &pg_sys::TriggerData) {
                         subject_of(&meta, after)
                     };
                     if old_subject != new_subject {
-                        events.push(Draft {
-                            subject: old_subject,
-                            columns: Some(names.clone()),
-                            payload: Some(payload.clone().into()),
-                        });
+                        // A change of subject splits by ownership: each side
+                        // gets the row as it held it, never the other's values.
+                        for (subject, row, arrived) in
+                            [(old_subject, before, false), (new_subject, after, true)]
+                        {
+                            events.push(match subject {
+                                Subject::Nobody => Draft {
+                                    subject,
+                                    columns: Some(names.clone()),
+                                    payload: None,
+                                },
+                                _ => whole_row(row, subject, arrived),
+                            });
+                        }
+                        return;
                     }
+                    let payload = (old_subject != Subject::Nobody).then(|| {
+                        let mut payload = PayloadWriter::new(reason);
+                        for &i in &changed {
+                            let column = &meta.columns[i];
+                            payload.column(
+                                column.json,
+                                format_value(column, before),
+                                format_value(column, after),
+                            );
+                        }
+                        payload.finish().into()
+                    });
                     events.push(Draft {
-                        subject: new_subject,
+                        subject: old_subject,
                         columns: Some(names),
-                        payload: Some(payload.into()),
+                        payload,
                     });
                 });
                 flush_full(&mut events);
@@ -491,4 +509,96 @@ unsafe fn changed_columns(columns: &[Column], before: &Row, after: &Row) -> Vec<
         .map(|c| after.get(c.index).map(|d| (d, c)))
         .collect();
     diff::changed(&old, &new, |(a, column), (b, _)| same_datum(column, *a, *b))
+}
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pgrx::pg_schema]
+mod tests {
+    use pgrx::prelude::*;
+
+    fn one<T: FromDatum + IntoDatum>(sql: &str) -> T {
+        Spi::get_one::<T>(sql).unwrap().unwrap()
+    }
+
+    fn setup() {
+        Spi::run(
+            "SELECT subject_audit.install_public_key(public_key), subject_audit.unlock(private_key)
+             FROM subject_audit.generate_keypair();
+             CREATE TABLE t (id int PRIMARY KEY, who text, email text);
+             SELECT subject_audit.track('t', 'who');",
+        )
+        .unwrap();
+    }
+
+    /// Everything `token`'s trail shows of its changes, as one text.
+    fn trail_text(token: &str) -> String {
+        one(&format!(
+            "SELECT string_agg(concat_ws(' ', description, before, after), ' | ' ORDER BY event_id)
+             FROM subject_audit.audit_for_subject('{token}') WHERE operation <> 'READ'"
+        ))
+    }
+
+    #[pg_test]
+    fn a_change_of_subject_gives_each_side_only_its_own_values() {
+        setup();
+        Spi::run(
+            "INSERT INTO t VALUES (1, 't1', 'one@t1');
+             UPDATE t SET who = 't2', email = 'two@t2' WHERE id = 1;",
+        )
+        .unwrap();
+        let (t1, t2) = (trail_text("t1"), trail_text("t2"));
+        assert!(t1.contains("one@t1") && !t1.contains("two@t2"), "{t1}");
+        assert!(t2.contains("two@t2") && !t2.contains("one@t1"), "{t2}");
+        // t1 sees the row leave whole, t2 sees it come whole.
+        assert_eq!(
+            one::<String>(
+                "SELECT concat_ws(' ', before, after) FROM subject_audit.audit_for_subject('t1')
+                 WHERE operation = 'UPDATE'"
+            ),
+            r#"{"id": "1", "who": "t1", "email": "one@t1"}"#
+        );
+        assert_eq!(
+            one::<String>(
+                "SELECT concat_ws(' ', before, after) FROM subject_audit.audit_for_subject('t2')
+                 WHERE operation = 'UPDATE'"
+            ),
+            r#"{"id": "1", "who": "t2", "email": "two@t2"}"#
+        );
+    }
+
+    #[pg_test]
+    fn a_row_of_nobody_is_recorded_without_values_and_its_first_subject_gets_them() {
+        setup();
+        Spi::run(
+            "INSERT INTO t VALUES (1, NULL, 'before@assignment');
+             UPDATE t SET email = 'still@nobody' WHERE id = 1;
+             UPDATE t SET who = 't3' WHERE id = 1;
+             UPDATE t SET who = NULL, email = 'after@release' WHERE id = 1;
+             DELETE FROM t WHERE id = 1;",
+        )
+        .unwrap();
+        // Nobody's events: INSERT, UPDATE, the two changes of subject, DELETE; none with a payload.
+        assert_eq!(
+            one::<i64>(
+                "SELECT count(*) FROM subject_audit.event e JOIN subject_audit.event_label l USING (label_id)
+                 WHERE e.subject_key_id IS NULL AND l.table_name = 'public.t' AND e.payload IS NULL
+                   AND l.operation IN ('INSERT', 'UPDATE', 'DELETE')"
+            ),
+            5
+        );
+        assert_eq!(
+            one::<i64>(
+                "SELECT count(*) FROM subject_audit.event
+                 WHERE subject_key_id IS NULL AND payload IS NOT NULL"
+            ),
+            0
+        );
+        // t3 holds the row as it came (with what it carried while nobody's) and as it left.
+        let t3 = trail_text("t3");
+        assert!(t3.contains("still@nobody"), "{t3}");
+        assert!(
+            !t3.contains("before@assignment") && !t3.contains("after@release"),
+            "{t3}"
+        );
+    }
 }

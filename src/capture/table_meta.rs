@@ -35,6 +35,9 @@ pub struct TableMeta {
     pub columns: Vec<Column>,
     /// Their names, shared by every INSERT and DELETE event of the table.
     pub column_names: std::rc::Rc<[String]>,
+    /// The excluded columns' names: they must appear nowhere, not even in
+    /// a failed statement's error text.
+    pub excluded: Vec<String>,
     memory: pg_sys::MemoryContext,
 }
 
@@ -210,6 +213,7 @@ unsafe fn build(relation: pg_sys::Relation) -> Option<TableMeta> {
         subject,
         column_names: columns.iter().map(|c| c.name.clone()).collect(),
         columns,
+        excluded: excluded_names,
         memory,
     })
 }

@@ -53,11 +53,25 @@ impl std::hash::Hasher for DigestHasher {
 pub type DigestMap<V> = HashMap<[u8; DIGEST_LEN], V, std::hash::BuildHasherDefault<DigestHasher>>;
 
 pub fn sha256(parts: &[&[u8]]) -> [u8; 32] {
-    let mut hasher = Sha256::new();
+    let mut hasher = Sha256Stream::default();
     for part in parts {
         hasher.update(part);
     }
-    hasher.finalize().into()
+    hasher.finish()
+}
+
+/// SHA-256 fed piece by piece, for inputs too large to gather first.
+#[derive(Default)]
+pub struct Sha256Stream(Sha256);
+
+impl Sha256Stream {
+    pub fn update(&mut self, part: &[u8]) {
+        self.0.update(part);
+    }
+
+    pub fn finish(self) -> [u8; 32] {
+        self.0.finalize().into()
+    }
 }
 
 #[cfg(test)]

@@ -14,24 +14,17 @@ type Aead = hpke::aead::AesGcm256;
 
 const INFO: &[u8] = b"pg_subject_audit writer context v1";
 const SUBJECT_LABEL: &[u8] = b"pg_subject_audit subject key v1:";
-const NO_SUBJECT_LABEL: &[u8] = b"pg_subject_audit no-subject key v1";
 
-/// Exporter context for a subject's data key; `None` is the key for events
-/// that belong to no subject (admin events, rows whose subject is NULL).
-fn exporter_context(salt: Option<&[u8]>) -> Vec<u8> {
-    match salt {
-        Some(salt) => [SUBJECT_LABEL, salt].concat(),
-        None => NO_SUBJECT_LABEL.to_vec(),
-    }
-}
-
+/// The data key of the subject with `salt`. Every data key is a subject's:
+/// an event of nobody's holds no payload, since a key that no erasure
+/// destroys would keep its values for good (docs/keys.md).
 fn data_key_from(
     export: impl FnOnce(&[u8], &mut [u8]) -> Result<(), hpke::HpkeError>,
-    salt: Option<&[u8]>,
+    salt: &[u8],
 ) -> DataKey {
     let mut key = Zeroizing::new([0u8; 32]);
     // A 32-byte export is far below HKDF's output limit, so this cannot fail.
-    export(&exporter_context(salt), &mut key[..]).expect("HPKE export of 32 bytes");
+    export(&[SUBJECT_LABEL, salt].concat(), &mut key[..]).expect("HPKE export of 32 bytes");
     DataKey::new(&key)
 }
 
@@ -62,7 +55,7 @@ impl SenderContext {
         &self.encapsulated_key
     }
 
-    pub fn data_key(&self, salt: Option<&[u8]>) -> DataKey {
+    pub fn data_key(&self, salt: &[u8]) -> DataKey {
         data_key_from(|ctx, out| self.context.export(ctx, out), salt)
     }
 }
@@ -86,7 +79,7 @@ impl ReceiverContext {
         Ok(ReceiverContext { context })
     }
 
-    pub fn data_key(&self, salt: Option<&[u8]>) -> DataKey {
+    pub fn data_key(&self, salt: &[u8]) -> DataKey {
         data_key_from(|ctx, out| self.context.export(ctx, out), salt)
     }
 }
@@ -102,18 +95,10 @@ mod tests {
         let sender = SenderContext::new(&pk).unwrap();
         let receiver = ReceiverContext::new(&sk[..], sender.encapsulated_key()).unwrap();
         let salt = [7u8; 32];
-        let (nonce, ct) = sender.data_key(Some(&salt)).seal(b"aad", b"hello").unwrap();
+        let (nonce, ct) = sender.data_key(&salt).seal(b"aad", b"hello").unwrap();
         assert_eq!(
-            receiver
-                .data_key(Some(&salt))
-                .open(&nonce, b"aad", &ct)
-                .unwrap(),
+            receiver.data_key(&salt).open(&nonce, b"aad", &ct).unwrap(),
             b"hello"
-        );
-        let (nonce, ct) = sender.data_key(None).seal(b"aad", b"no subject").unwrap();
-        assert_eq!(
-            receiver.data_key(None).open(&nonce, b"aad", &ct).unwrap(),
-            b"no subject"
         );
     }
 
@@ -122,17 +107,10 @@ mod tests {
         let (pk, sk) = generate_keypair();
         let sender = SenderContext::new(&pk).unwrap();
         let receiver = ReceiverContext::new(&sk[..], sender.encapsulated_key()).unwrap();
-        let (nonce, ct) = sender
-            .data_key(Some(&[1u8; 32]))
-            .seal(b"", b"alice")
-            .unwrap();
+        let (nonce, ct) = sender.data_key(&[1u8; 32]).seal(b"", b"alice").unwrap();
         // Another subject's salt derives another key.
         assert_eq!(
-            receiver.data_key(Some(&[2u8; 32])).open(&nonce, b"", &ct),
-            Err(CryptoError::Authentication)
-        );
-        assert_eq!(
-            receiver.data_key(None).open(&nonce, b"", &ct),
+            receiver.data_key(&[2u8; 32]).open(&nonce, b"", &ct),
             Err(CryptoError::Authentication)
         );
         // A second sender context to the same key exports different secrets.
@@ -140,7 +118,7 @@ mod tests {
         assert_ne!(other.encapsulated_key(), sender.encapsulated_key());
         let receiver2 = ReceiverContext::new(&sk[..], other.encapsulated_key()).unwrap();
         assert_eq!(
-            receiver2.data_key(Some(&[1u8; 32])).open(&nonce, b"", &ct),
+            receiver2.data_key(&[1u8; 32]).open(&nonce, b"", &ct),
             Err(CryptoError::Authentication)
         );
     }
@@ -151,12 +129,9 @@ mod tests {
         let (_, wrong) = generate_keypair();
         let sender = SenderContext::new(&pk).unwrap();
         let receiver = ReceiverContext::new(&wrong[..], sender.encapsulated_key()).unwrap();
-        let (nonce, ct) = sender
-            .data_key(Some(&[3u8; 32]))
-            .seal(b"", b"secret")
-            .unwrap();
+        let (nonce, ct) = sender.data_key(&[3u8; 32]).seal(b"", b"secret").unwrap();
         assert!(receiver
-            .data_key(Some(&[3u8; 32]))
+            .data_key(&[3u8; 32])
             .open(&nonce, b"", &ct)
             .is_err());
     }
@@ -171,7 +146,7 @@ mod tests {
         let enc =
             crate::crypto::hex("de9edb7d7b7dc1b4d35b61c2ece435373f8343c85b78674dadfc7e146f882b4f");
         let receiver = ReceiverContext::new(&sk, &enc).unwrap();
-        let key = receiver.data_key(Some(&[0u8; 32]));
+        let key = receiver.data_key(&[0u8; 32]);
         let (_, ct) = key.seal_with_nonce(&[0u8; 12], b"", b"").unwrap();
         assert_eq!(hex_of(&ct), KAT_TAG);
     }
@@ -187,7 +162,7 @@ mod tests {
         // The encapsulated key is stored; the private key comes from a user.
         let (pk, sk) = generate_keypair();
         let sender = SenderContext::new(&pk).unwrap();
-        let (nonce, ct) = sender.data_key(None).seal(b"", b"x").unwrap();
+        let (nonce, ct) = sender.data_key(&[5u8; 32]).seal(b"", b"x").unwrap();
         fuzz("receiver_context", 100, |rng| {
             let mut enc = sender.encapsulated_key().to_vec();
             let mut private = sk.to_vec();
@@ -217,7 +192,7 @@ mod tests {
                 };
                 // Unchanged, or a clamping-equivalent private key: the sender's
                 // key. Otherwise, another key that opens nothing of the sender's.
-                let opened = r.data_key(None).open(&nonce, b"", &ct);
+                let opened = r.data_key(&[5u8; 32]).open(&nonce, b"", &ct);
                 let same =
                     enc == sender.encapsulated_key() && clamped(&private) == clamped(&sk[..]);
                 assert_eq!(opened.is_ok(), same, "{private:x?} {enc:x?}");

@@ -27,9 +27,34 @@ pub fn public_key_of(private_key: &[u8]) -> Result<[u8; KEY_LEN], CryptoError> {
     Ok(Kem::sk_to_pk(&private).to_bytes().into())
 }
 
-/// Checks that a writer could actually encapsulate to this key.
+/// Checks that a writer could actually encapsulate to this key, and that
+/// it is the one canonical encoding of its point: X25519 ignores the top
+/// bit and reduces modulo 2^255 - 19, so other encodings of one key would
+/// pass for different keys.
 pub fn validate_public_key(public_key: &[u8]) -> Result<(), CryptoError> {
+    if public_key.len() == KEY_LEN && canonical_form(public_key) != public_key {
+        return Err(CryptoError::NonCanonicalPublicKey);
+    }
     SenderContext::new(public_key).map(|_| ())
+}
+
+/// The canonical encoding of the point an X25519 public key of any 32 bytes
+/// stands for (RFC 7748 §5: the top bit is ignored, the value taken modulo
+/// p = 2^255 - 19). Keys that stand for the same point have the same form.
+pub fn canonical_form(public_key: &[u8]) -> Vec<u8> {
+    let mut u = public_key.to_vec();
+    if u.len() != KEY_LEN {
+        return u;
+    }
+    u[31] &= 0x7f;
+    // Below 2^255 a value is at most p + 18: p itself is ff..ff7f with the
+    // low byte ed, so only these 19 values need p subtracted (one step).
+    if u[31] == 0x7f && u[1..31].iter().all(|&b| b == 0xff) && u[0] >= 0xed {
+        u[0] -= 0xed;
+        u[1..31].fill(0);
+        u[31] = 0;
+    }
+    u
 }
 
 #[cfg(test)]
@@ -68,6 +93,46 @@ mod tests {
         );
     }
 
+    #[test]
+    fn other_encodings_of_one_key_are_refused() {
+        let (pk, _) = generate_keypair();
+        assert_eq!(canonical_form(&pk), pk.to_vec());
+        validate_public_key(&pk).unwrap();
+        // The same point with the top bit set.
+        let mut high = pk;
+        high[31] |= 0x80;
+        assert_eq!(canonical_form(&high), pk.to_vec());
+        assert_eq!(
+            validate_public_key(&high),
+            Err(CryptoError::NonCanonicalPublicKey)
+        );
+    }
+
+    #[test]
+    fn values_from_p_up_are_reduced() {
+        // p = 2^255 - 19 encodes 0; p + 9 encodes the base point 9.
+        let mut p = [0xffu8; 32];
+        p[0] = 0xed;
+        p[31] = 0x7f;
+        assert_eq!(canonical_form(&p), vec![0u8; 32]);
+        let mut p9 = p;
+        p9[0] = 0xf6;
+        let mut nine = vec![0u8; 32];
+        nine[0] = 9;
+        assert_eq!(canonical_form(&p9), nine);
+        assert_eq!(
+            validate_public_key(&p9),
+            Err(CryptoError::NonCanonicalPublicKey)
+        );
+        // p - 1 is canonical (and below p).
+        let mut below = p;
+        below[0] = 0xec;
+        assert_eq!(canonical_form(&below), below.to_vec());
+        // With the top bit set too, p + 9 is still the base point.
+        p9[31] |= 0x80;
+        assert_eq!(canonical_form(&p9), nine);
+    }
+
     // Fuzz / property tests (`cargo test --lib fuzz_`; see `crate::test_support`).
 
     use crate::test_support::{fuzz, no_panic};
@@ -92,9 +157,14 @@ mod tests {
             // Every 32 bytes are a private key, and its public key is usable.
             let public = public.unwrap();
             validate_public_key(&public).unwrap();
-            // Random 32 bytes are a usable public key unless of small order.
-            if valid.is_err() {
-                assert_eq!(valid, Err(CryptoError::UnusablePublicKey));
+            // Random 32 bytes are a usable public key unless of small order
+            // or not the canonical encoding of their point.
+            match valid {
+                Ok(()) => assert_eq!(canonical_form(&bytes), bytes),
+                Err(CryptoError::NonCanonicalPublicKey) => {
+                    assert_ne!(canonical_form(&bytes), bytes)
+                }
+                Err(e) => assert_eq!(e, CryptoError::UnusablePublicKey),
             }
         });
     }

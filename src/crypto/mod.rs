@@ -10,9 +10,9 @@ mod hpke_context;
 mod keypair;
 
 pub use aead::{DataKey, NONCE_LEN};
-pub use digest::{sha256, DigestMap, SubjectDigester, DIGEST_LEN};
+pub use digest::{sha256, DigestMap, Sha256Stream, SubjectDigester, DIGEST_LEN};
 pub use hpke_context::{ReceiverContext, SenderContext};
-pub use keypair::{generate_keypair, public_key_of, validate_public_key, KEY_LEN};
+pub use keypair::{canonical_form, generate_keypair, public_key_of, validate_public_key, KEY_LEN};
 
 use std::fmt;
 
@@ -22,6 +22,9 @@ pub enum CryptoError {
     KeyLength(usize),
     /// HPKE refused the public key (for example a low-order point).
     UnusablePublicKey,
+    /// Another encoding of a point than its canonical one (top bit set, or
+    /// a value from 2^255 - 19 up).
+    NonCanonicalPublicKey,
     /// An encapsulated key that no private key can open.
     BadEncapsulatedKey,
     /// AEAD authentication failed: wrong key, wrong associated data or tampering.
@@ -35,6 +38,9 @@ impl fmt::Display for CryptoError {
         match self {
             CryptoError::KeyLength(n) => write!(f, "a key must be {KEY_LEN} bytes, got {n}"),
             CryptoError::UnusablePublicKey => f.write_str("not a usable X25519 public key"),
+            CryptoError::NonCanonicalPublicKey => f.write_str(
+                "not the canonical encoding of an X25519 public key (top bit set, or not below 2^255 - 19)",
+            ),
             CryptoError::BadEncapsulatedKey => f.write_str("malformed encapsulated key"),
             CryptoError::Authentication => f.write_str("ciphertext failed authentication"),
             CryptoError::Randomness => f.write_str("the operating system random source failed"),

@@ -2,7 +2,7 @@
 //! not yet encrypted, as a flat byte string that fits a queue slot.
 //!
 //! ```text
-//! u8 version | u8 flags (bit 0: failed, bit 1: rows) | i64 at | [varint rows] | strings ... | varint subject count | subjects
+//! u8 version | u8 flags (bit 0: failed, bit 1: rows, bit 2: admin) | i64 at | [varint rows] | strings ... | varint subject count | subjects
 //! string: varint length + 1 (0 = none), bytes
 //! ```
 //! Pure Rust, so the codec is tested without PostgreSQL.
@@ -12,12 +12,16 @@ use crate::recorder::StatementContext;
 const VERSION: u8 = 1;
 const FAILED: u8 = 1;
 const ROWS: u8 = 2;
+const ADMIN: u8 = 4;
 
 /// One statement's events for the background writer to record.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Entry {
     /// A failed change (status `error`), else a read (status `ok`).
     pub failed: bool,
+    /// An admin event (an unlock): no payload, so the reason is not kept,
+    /// as in every admin event.
+    pub admin: bool,
     /// Who, when (statement start) and why, as the statement's backend saw
     /// it; its `txid` is unused: the events are the writer's transaction's.
     pub who: StatementContext,
@@ -28,6 +32,7 @@ pub struct Entry {
     /// Rows a statement-level read returned or processed: the title gets
     /// `: N rows`. Counted reads of one statement merge by adding them.
     pub rows: Option<u64>,
+    /// Empty for an event of no table (a read of a trail, an unlock).
     pub table_name: String,
     /// Columns read (a read) or touched (a failed change); names only.
     pub columns: Vec<String>,
@@ -64,6 +69,7 @@ impl Entry {
     /// can travel as one entry.
     pub fn same_but_subjects(&self, other: &Entry) -> bool {
         self.failed == other.failed
+            && self.admin == other.admin
             && self.rows.is_some() == other.rows.is_some()
             && self.who == other.who
             && self.operation == other.operation
@@ -104,6 +110,7 @@ impl Entry {
                 ..self.who.clone()
             },
             failed: self.failed,
+            admin: self.admin,
             operation: self.operation.clone(),
             rows: self.rows,
             message: self.message.clone(),
@@ -123,8 +130,9 @@ impl Entry {
     /// The encoding without the subjects, which `split` spreads over entries.
     fn encode_head(&self, out: &mut Vec<u8>) {
         out.push(VERSION);
-        let flags =
-            if self.failed { FAILED } else { 0 } | if self.rows.is_some() { ROWS } else { 0 };
+        let flags = if self.failed { FAILED } else { 0 }
+            | if self.rows.is_some() { ROWS } else { 0 }
+            | if self.admin { ADMIN } else { 0 };
         out.push(flags);
         out.extend_from_slice(&self.who.at.to_le_bytes());
         if let Some(rows) = self.rows {
@@ -223,6 +231,7 @@ impl Entry {
         }
         let flags = r.byte()?;
         let failed = flags & FAILED != 0;
+        let admin = flags & ADMIN != 0;
         let at = i64::from_le_bytes(r.take(8)?.try_into().expect("8 bytes"));
         let rows = if flags & ROWS != 0 {
             Some(r.varint()?)
@@ -255,6 +264,7 @@ impl Entry {
         }
         Ok(Entry {
             failed,
+            admin,
             who,
             operation,
             title,
@@ -353,6 +363,7 @@ mod tests {
     fn sample() -> Entry {
         Entry {
             failed: true,
+            admin: false,
             who: StatementContext {
                 at: 123_456_789,
                 txid: 0,
@@ -385,6 +396,13 @@ mod tests {
             ..sample()
         };
         assert_eq!(Entry::decode(&counted.encode()), Ok(counted.clone()));
+        let unlock = Entry {
+            admin: true,
+            operation: "UNLOCK".into(),
+            title: "unlock key 1 (unlock())".into(),
+            ..Entry::default()
+        };
+        assert_eq!(Entry::decode(&unlock.encode()), Ok(unlock));
         assert_eq!(counted.full_title(), "insert public.customers: 300 rows");
     }
 
@@ -512,6 +530,9 @@ mod tests {
         let mut b = sample();
         b.subjects = vec![b"c-9".to_vec()];
         assert!(a.same_but_subjects(&b));
+        b.admin = true;
+        assert!(!a.same_but_subjects(&b));
+        b.admin = false;
         b.title.push('x');
         assert!(!a.same_but_subjects(&b));
     }

@@ -30,6 +30,8 @@ const BATCH: usize = 256;
 const IDLE_EXIT: Duration = Duration::from_secs(2);
 /// How long a writer asked to stop keeps writing what is queued.
 const DRAIN_AT_SHUTDOWN: Duration = Duration::from_secs(3);
+/// How long a writer waits to try again after drops could not be recorded.
+const REPORT_RETRY: Duration = Duration::from_secs(1);
 
 /// Registers the launcher. Only while preloading.
 pub fn register_launcher() {
@@ -92,25 +94,23 @@ pub extern "C-unwind" fn pg_subject_audit_writer_main(arg: pg_sys::Datum) {
     // However this process ends (a FATAL too), its slot must not keep
     // naming it, or no writer would start for this database again.
     unsafe { pg_sys::before_shmem_exit(Some(detach_on_exit), pg_sys::Datum::from(database)) };
-    let set = |name: &std::ffi::CStr, value: &std::ffi::CStr| unsafe {
-        pg_sys::SetConfigOption(
-            name.as_ptr(),
-            value.as_ptr(),
-            pg_sys::GucContext::PGC_SUSET,
-            pg_sys::GucSource::PGC_S_OVERRIDE,
-        );
-    };
-    // Nobody waits for these commits; the queue itself does not survive a
-    // crash either. WAL is still written and flushed within moments.
-    set(c"synchronous_commit", c"off");
-    // A subject key another transaction is creating (uncommitted) would
-    // block the writer for as long as that transaction lives: such an
-    // entry is retried later instead.
-    set(c"lock_timeout", c"200ms");
+    store::pin_worker_settings(&[
+        // Nobody waits for these commits; the queue itself does not survive a
+        // crash either. WAL is still written and flushed within moments.
+        (c"synchronous_commit", c"off"),
+        // A subject key another transaction is creating (uncommitted) would
+        // block the writer for as long as that transaction lives: such an
+        // entry is retried later instead.
+        (c"lock_timeout", c"200ms"),
+    ]);
     let mut idle_since = Instant::now();
+    let mut report_due = Instant::now();
     // Set when asked to stop (shutdown): what is queued is still written, for a while.
     let mut stopping: Option<Instant> = None;
     loop {
+        if Instant::now() >= report_due && !report_drops(database) {
+            report_due = Instant::now() + REPORT_RETRY;
+        }
         let taken = queue::take(database, BATCH);
         let drained = stopping.is_some_and(|since| since.elapsed() >= DRAIN_AT_SHUTDOWN);
         if drained {
@@ -120,7 +120,6 @@ pub extern "C-unwind" fn pg_subject_audit_writer_main(arg: pg_sys::Datum) {
         }
         if !taken.is_empty() {
             write(database, taken);
-            report_drops(database);
             idle_since = Instant::now();
             continue;
         }
@@ -165,7 +164,7 @@ fn write(database: pg_sys::Oid, taken: Vec<(usize, Vec<u8>, u32)>) {
         match in_transaction(|| record(std::slice::from_ref(b))) {
             Outcome::Done => queue::release(database, &[*slot], true),
             Outcome::LockBusy => queue::retry_later(database, *slot),
-            Outcome::Failed => queue::release(database, &[*slot], false),
+            Outcome::Failed | Outcome::NotInstalled => queue::release(database, &[*slot], false),
         }
     }
 }
@@ -176,19 +175,20 @@ enum Outcome {
     /// It waited on a lock held by another transaction (lock_timeout).
     LockBusy,
     Failed,
+    /// The extension is not installed in this database (any more).
+    NotInstalled,
 }
 
-/// Records in the admin trail how many events were dropped since the last report.
-fn report_drops(database: pg_sys::Oid) {
-    let dropped = queue::unreported_drops(database);
-    if dropped == 0 {
-        return;
-    }
-    let title = format!(
-        "{dropped} reads or failed statements not recorded: the queue was full or their writer could not start"
-    );
-    let recorded = Outcome::Done
-        == in_transaction(|| {
+/// Records in the admin trail how many events were dropped since the last
+/// report, one DROPPED event per reason; false if one could not be recorded
+/// yet (it is tried again; the counts survive a restart).
+fn report_drops(database: pg_sys::Oid) -> bool {
+    for (reason, dropped) in queue::unreported_drops(database) {
+        let title = format!(
+            "{dropped} reads or failed statements not recorded: {}",
+            reason.why()
+        );
+        match in_transaction(|| {
             let header = Header {
                 operation: "DROPPED",
                 status: "error",
@@ -202,10 +202,17 @@ fn report_drops(database: pg_sys::Oid) {
                 payload: None,
             };
             recorder::record(&header, &context(&Entry::default()), &[draft]);
-        });
-    if recorded {
-        queue::mark_reported(database, dropped);
+        }) {
+            Outcome::Done => queue::mark_reported(database, reason, dropped),
+            Outcome::NotInstalled => {
+                // No trail to record them in: the server log is all there is.
+                log!("pg_subject_audit writer: {title} (pg_subject_audit is not installed in database {})", database.to_u32());
+                queue::mark_reported(database, reason, dropped);
+            }
+            Outcome::LockBusy | Outcome::Failed => return false,
+        }
     }
+    true
 }
 
 /// Runs `f` in a transaction of its own; rolled back (and logged, unless it
@@ -215,8 +222,7 @@ fn in_transaction(f: impl FnOnce()) -> Outcome {
         pg_sys::SetCurrentStatementStartTimestamp();
         pg_sys::StartTransactionCommand();
         pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
-        let installed =
-            pg_sys::get_extension_oid(c"pg_subject_audit".as_ptr(), true) != pg_sys::InvalidOid;
+        let installed = store::extension_installed();
         if installed {
             f();
         }
@@ -225,7 +231,7 @@ fn in_transaction(f: impl FnOnce()) -> Outcome {
         if installed {
             Outcome::Done
         } else {
-            Outcome::Failed
+            Outcome::NotInstalled
         }
     }))
     .catch_others(|e| {
@@ -293,7 +299,8 @@ fn record(encoded: &[Vec<u8>]) {
             status: if entry.failed { "error" } else { "ok" },
             sqlstate: entry.sqlstate.as_deref(),
             title: Some(title),
-            table_name: Some(&entry.table_name),
+            // A read of a trail, an unlock: no table.
+            table_name: (!entry.table_name.is_empty()).then_some(entry.table_name.as_str()),
         })
         .collect();
     let contexts: Vec<StatementContext> = entries.iter().map(context).collect();
@@ -315,16 +322,19 @@ fn drafts(entry: &Entry) -> Vec<Draft> {
     let columns: Option<Rc<[String]>> =
         (!entry.columns.is_empty()).then(|| entry.columns.clone().into());
     let payload = || {
-        Some(Zeroizing::new(
-            PayloadWriter::with_note(entry.who.reason.as_deref(), entry.message.as_deref())
-                .finish(),
-        ))
+        (!entry.admin).then(|| {
+            Zeroizing::new(
+                PayloadWriter::with_note(entry.who.reason.as_deref(), entry.message.as_deref())
+                    .finish(),
+            )
+        })
     };
+    // Of nobody's: no payload (no erasure could reach it).
     if entry.subjects.is_empty() {
         return vec![Draft {
             subject: Subject::Nobody,
             columns,
-            payload: payload(),
+            payload: None,
         }];
     }
     entry

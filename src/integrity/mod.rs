@@ -2,7 +2,7 @@
 //! every stored field, its label's included, and is computed at insert from
 //! the event alone: no other event is read, so writers never wait on each other.
 
-use crate::crypto::sha256;
+use crate::crypto::{sha256, Sha256Stream};
 
 /// What an event says about itself apart from its subject, title and
 /// payload: a row of `subject_audit.event_label`, shared by many events.
@@ -234,7 +234,7 @@ pub fn merkle_root(leaves: &[[u8; 32]]) -> [u8; 32] {
 }
 
 /// What a block commits to: its place in the chain, the transactions it
-/// covers, its events, and the block before it.
+/// covers, its events, the key material they use, and the block before it.
 pub struct BlockFields<'a> {
     pub block_id: i64,
     pub from_txid: i64,
@@ -242,12 +242,27 @@ pub struct BlockFields<'a> {
     pub event_count: i64,
     pub merkle_root: &'a [u8],
     pub previous_hash: &'a [u8],
+    /// None in blocks sealed before blocks committed to key material.
+    pub key_material: Option<KeyMaterial<'a>>,
+}
+
+/// The digests (`KeyRowsDigest`) of the subject keys and of the writer
+/// contexts a block's events name.
+#[derive(Clone, Copy)]
+pub struct KeyMaterial<'a> {
+    pub subject_keys: &'a [u8],
+    pub writer_contexts: &'a [u8],
 }
 
 pub fn block_hash(b: &BlockFields<'_>) -> [u8; 32] {
-    sha256(&[
-        b"pg_subject_audit block v1",
-        &b.block_id.to_be_bytes(),
+    let mut h = Sha256Stream::default();
+    // v1 blocks keep their encoding, so a ledger sealed before still verifies.
+    h.update(match b.key_material {
+        None => b"pg_subject_audit block v1",
+        Some(_) => b"pg_subject_audit block v2",
+    });
+    for part in [
+        &b.block_id.to_be_bytes()[..],
         &b.from_txid.to_be_bytes(),
         &b.to_txid.to_be_bytes(),
         &b.event_count.to_be_bytes(),
@@ -255,7 +270,60 @@ pub fn block_hash(b: &BlockFields<'_>) -> [u8; 32] {
         b.merkle_root,
         &(b.previous_hash.len() as u32).to_be_bytes(),
         b.previous_hash,
-    ])
+    ] {
+        h.update(part);
+    }
+    if let Some(k) = b.key_material {
+        for digest in [k.subject_keys, k.writer_contexts] {
+            h.update(&(digest.len() as u32).to_be_bytes());
+            h.update(digest);
+        }
+    }
+    h.finish()
+}
+
+/// A digest over rows of `subject_key` (id, subject digest, salt
+/// commitment: never the salt, which erasure deletes) or of
+/// `writer_context` (id, writer key id, encapsulated key), fed in id order.
+/// Row hashes cover only a key's id and digest: this is what makes a salt
+/// or an encapsulated key replaced after sealing show.
+pub struct KeyRowsDigest(Sha256Stream);
+
+impl KeyRowsDigest {
+    pub fn subject_keys() -> Self {
+        Self::new(b"pg_subject_audit subject keys v1")
+    }
+
+    pub fn writer_contexts() -> Self {
+        Self::new(b"pg_subject_audit writer contexts v1")
+    }
+
+    fn new(domain: &[u8]) -> Self {
+        let mut h = Sha256Stream::default();
+        h.update(domain);
+        KeyRowsDigest(h)
+    }
+
+    /// One row named by the block's events; `None`: the row is missing.
+    pub fn add(&mut self, id: i64, row: Option<&[Option<&[u8]>]>) {
+        let mut buf = Vec::with_capacity(128);
+        buf.extend_from_slice(&id.to_be_bytes());
+        match row {
+            None => buf.push(0),
+            Some(fields) => {
+                buf.push(1);
+                buf.extend_from_slice(&(fields.len() as u32).to_be_bytes());
+                for f in fields {
+                    put_opt(&mut buf, *f);
+                }
+            }
+        }
+        self.0.update(&buf);
+    }
+
+    pub fn finish(self) -> [u8; 32] {
+        self.0.finish()
+    }
 }
 
 /// The `previous_hash` of the first block.
@@ -334,10 +402,83 @@ mod ledger_tests {
                 event_count: 1,
                 merkle_root: &root,
                 previous_hash: prev,
+                key_material: None,
             })
         };
         assert_ne!(b(1, &GENESIS), b(2, &GENESIS));
         assert_ne!(b(1, &GENESIS), b(1, &[1; 32]));
+    }
+
+    #[test]
+    fn block_hash_covers_key_material() {
+        let root = merkle_root(&[[1; 32]]);
+        let b = |key_material| {
+            block_hash(&BlockFields {
+                block_id: 1,
+                from_txid: 0,
+                to_txid: 10,
+                event_count: 1,
+                merkle_root: &root,
+                previous_hash: &GENESIS,
+                key_material,
+            })
+        };
+        let k = |subject_keys, writer_contexts| {
+            Some(KeyMaterial {
+                subject_keys,
+                writer_contexts,
+            })
+        };
+        let h = b(k(&[1; 32], &[2; 32]));
+        assert_ne!(h, b(None));
+        assert_ne!(h, b(k(&[3; 32], &[2; 32])));
+        assert_ne!(h, b(k(&[1; 32], &[3; 32])));
+        assert_ne!(h, b(k(&[2; 32], &[1; 32])));
+        assert_eq!(h, b(k(&[1; 32], &[2; 32])));
+    }
+
+    #[test]
+    fn key_rows_digest_covers_every_row_and_field() {
+        type Row = (i64, Option<Vec<Option<Vec<u8>>>>);
+        let digest = |rows: &[Row]| {
+            let mut d = KeyRowsDigest::subject_keys();
+            for (id, row) in rows {
+                let fields: Option<Vec<Option<&[u8]>>> = row
+                    .as_ref()
+                    .map(|r| r.iter().map(|f| f.as_deref()).collect());
+                d.add(*id, fields.as_deref());
+            }
+            d.finish()
+        };
+        let row = |digest: u8, commitment: Option<u8>| {
+            Some(vec![
+                Some(vec![digest; 32]),
+                commitment.map(|c| vec![c; 32]),
+            ])
+        };
+        let base: Vec<Row> = vec![(1, row(1, Some(7))), (2, row(2, Some(8)))];
+        let h = digest(&base);
+        let variants: Vec<Vec<Row>> = vec![
+            vec![(1, row(1, Some(8))), (2, row(2, Some(7)))],
+            vec![(1, row(1, None)), (2, row(2, Some(8)))],
+            vec![(1, row(3, Some(7))), (2, row(2, Some(8)))],
+            vec![(1, None), (2, row(2, Some(8)))],
+            vec![(1, row(1, Some(7))), (3, row(2, Some(8)))],
+            vec![(1, row(1, Some(7)))],
+        ];
+        for v in variants {
+            assert_ne!(digest(&v), h);
+        }
+        assert_eq!(digest(&base), h);
+        let mut contexts = KeyRowsDigest::writer_contexts();
+        contexts.add(
+            1,
+            row(1, Some(7))
+                .as_ref()
+                .map(|r| r.iter().map(|f| f.as_deref()).collect::<Vec<_>>())
+                .as_deref(),
+        );
+        assert_ne!(contexts.finish(), digest(&base[..1]));
     }
 
     #[test]

@@ -7,6 +7,10 @@
 //!   subject keys it has used and the subject digester.
 //! - `shared`: subject keys cached in shared memory for every backend
 //!   (committed keys only; erasure evicts).
+//! - `settings`: `subject_audit.session_key` and `session_subject`, taken
+//!   from the startup options and masked.
+//! - `redact`: keeps keys out of the server log, pg_stat_statements and
+//!   pg_stat_activity.
 //!
 //! Caches here never outlive the truth: entries created in a transaction are
 //! dropped if it (or the savepoint that created them) rolls back, and a
@@ -14,27 +18,30 @@
 //! erasure, drops the matching cache in every backend.
 
 mod binding;
+mod redact;
 mod session;
+mod settings;
 mod shared;
 mod writer;
 
-pub use binding::{bind, bind_from_setting, check_bound, is_bound};
-pub use session::{
-    ensure_unlocked, lock, reader_data_key, stash_from_setting, unlock, unlock_pending,
-    KeyNotUnlocked,
-};
+pub use binding::{bind, check_bound};
+pub use redact::note_key_statement;
+pub use session::{ensure_unlocked, lock, reader_data_key, unlock, unlock_pending, KeyNotUnlocked};
 #[cfg(any(test, feature = "pg_test"))]
 pub use writer::forget_cached_subjects;
-pub use writer::{note_erased, subject_digest, subject_keys, writer_context};
+pub use writer::{created_here, note_erased, subject_digest, subject_keys, writer_context};
 
 use pgrx::pg_sys;
 
 /// `InvalidSubTransactionId`: an abort of the whole transaction.
 pub(crate) const INVALID_SUBTRANSACTION_ID: pg_sys::SubTransactionId = 0;
 
-/// Registers the callbacks that keep the caches honest, and the shared
-/// cache when preloading. Called from `_PG_init`.
+static mut PREVIOUS_POST_PARSE: pg_sys::post_parse_analyze_hook_type = None;
+
+/// Defines the session settings, registers the callbacks that keep the
+/// caches honest, and the shared cache when preloading. Called from `_PG_init`.
 pub fn init(preloading: bool) {
+    settings::define();
     if preloading {
         shared::init();
     }
@@ -46,6 +53,30 @@ pub fn init(preloading: bool) {
         pg_sys::RegisterXactCallback(Some(on_xact_event), std::ptr::null_mut());
         pg_sys::RegisterSubXactCallback(Some(on_subxact_event), std::ptr::null_mut());
     }
+}
+
+/// Installs the hooks that keep keys out of logs and statistics. Called last
+/// in `_PG_init`: of several log hooks, the last installed runs first.
+pub fn init_hooks() {
+    redact::init();
+    unsafe {
+        PREVIOUS_POST_PARSE = pg_sys::post_parse_analyze_hook;
+        pg_sys::post_parse_analyze_hook = Some(post_parse_analyze);
+    }
+}
+
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn post_parse_analyze(
+    pstate: *mut pg_sys::ParseState,
+    query: *mut pg_sys::Query,
+    jstate: *mut pg_sys::JumbleState,
+) {
+    if let Some(previous) = PREVIOUS_POST_PARSE {
+        previous(pstate, query, jstate);
+    }
+    // In a transaction now, whatever the check hook at startup could do.
+    settings::wipe_startup_copies();
+    redact::on_parse(pstate, query);
 }
 
 #[pgrx::pg_guard]

@@ -45,9 +45,13 @@ thread_local! {
 pub struct KeyNotUnlocked(pub i32);
 
 /// Adds a key; returns its key id and how many keys the ring holds.
-pub fn unlock(private_key: &[u8]) -> (i32, usize) {
+/// `record` records the unlock of that key id before the key is added: if
+/// it raises, the key is not added.
+pub fn unlock(private_key: &[u8], record: impl FnOnce(i32)) -> (i32, usize) {
     let key = parse_private_key(private_key);
-    add_key(key, "this private key matches no installed public key")
+    let key_id = matching_key_id(&key, "this private key matches no installed public key");
+    record(key_id);
+    (key_id, add_key(key_id, key))
 }
 
 fn parse_private_key(bytes: &[u8]) -> SecretKey {
@@ -62,8 +66,8 @@ fn parse_private_key(bytes: &[u8]) -> SecretKey {
     key
 }
 
-fn add_key(private_key: SecretKey, unmatched: &str) -> (i32, usize) {
-    wipe_at_exit();
+/// The id of the installed public key `private_key` belongs to.
+fn matching_key_id(private_key: &SecretKey, unmatched: &str) -> i32 {
     let public_key = crypto::public_key_of(&private_key[..])
         .unwrap_or_else(|e| raise(ERRCODE_INVALID_PARAMETER_VALUE, e.to_string()));
     let key_id = store::as_owner(|| {
@@ -72,14 +76,19 @@ fn add_key(private_key: SecretKey, unmatched: &str) -> (i32, usize) {
             &[public_key.to_vec().into()],
         )
     });
-    let key_id = match key_id {
+    match key_id {
         Ok(Some(id)) => id,
         _ => raise_with_hint(
             ERRCODE_INVALID_PARAMETER_VALUE,
             unmatched,
             "install its public key with subject_audit.install_public_key() first",
         ),
-    };
+    }
+}
+
+/// Adds a matched key; returns how many keys the ring holds.
+fn add_key(key_id: i32, private_key: SecretKey) -> usize {
+    wipe_at_exit();
     SESSION.with(|s| {
         let mut s = s.borrow_mut();
         if !s.keys.iter().any(|k| k.key_id == key_id) {
@@ -88,7 +97,7 @@ fn add_key(private_key: SecretKey, unmatched: &str) -> (i32, usize) {
                 private_key,
             });
         }
-        (key_id, s.keys.len())
+        s.keys.len()
     })
 }
 
@@ -151,8 +160,9 @@ fn decode_hex_key(item: &str) -> Option<SecretKey> {
 }
 
 /// Adds the keys given in `subject_audit.session_key` that were not checked
-/// yet; returns their key ids.
-pub fn unlock_pending() -> Vec<i32> {
+/// yet, each once `record` has recorded the unlock of its key id. If that
+/// raises, the keys not added yet stay pending, for the next read to try.
+pub fn unlock_pending(mut record: impl FnMut(i32)) {
     let (pending, malformed) = SESSION.with(|s| {
         let mut s = s.borrow_mut();
         (
@@ -166,21 +176,41 @@ pub fn unlock_pending() -> Vec<i32> {
             "subject_audit.session_key is malformed: expected 64 hex digits per key, comma-separated",
         );
     }
-    pending
-        .into_iter()
+    // An unmatched key is reported once: the pending keys are gone then.
+    let key_ids: Vec<i32> = pending
+        .iter()
         .map(|key| {
-            add_key(
+            matching_key_id(
                 key,
                 "subject_audit.session_key holds a key that matches no installed public key",
             )
-            .0
         })
-        .collect()
+        .collect();
+    /// Puts back the keys not added, however the loop is left.
+    struct StillPending(Vec<SecretKey>);
+    impl Drop for StillPending {
+        fn drop(&mut self) {
+            let mut keys = std::mem::take(&mut self.0);
+            if !keys.is_empty() {
+                SESSION.with(|s| {
+                    let mut s = s.borrow_mut();
+                    keys.append(&mut s.pending);
+                    s.pending = keys;
+                });
+            }
+        }
+    }
+    let mut left = StillPending(pending);
+    for key_id in key_ids {
+        record(key_id);
+        let key = left.0.remove(0);
+        add_key(key_id, key);
+    }
 }
 
-/// Makes sure at least one key is unlocked.
+/// Makes sure at least one key is unlocked (the pending ones were unlocked
+/// by the caller, which records that).
 pub fn ensure_unlocked() {
-    unlock_pending();
     if SESSION.with(|s| s.borrow().keys.is_empty()) {
         raise_with_hint(
             ERRCODE_INSUFFICIENT_PRIVILEGE,
@@ -190,12 +220,12 @@ pub fn ensure_unlocked() {
     }
 }
 
-/// The data key of one subject (or of no subject) within one writer context.
+/// The data key of one subject (by its salt) within one writer context.
 pub fn reader_data_key(
     context_id: i64,
     key_id: i32,
     encapsulated_key: &[u8],
-    salt: Option<&[u8]>,
+    salt: &[u8],
 ) -> Result<DataKey, KeyNotUnlocked> {
     let cached = SESSION.with(|s| {
         s.borrow()

@@ -214,6 +214,35 @@ fn installation_secret() -> (Vec<u8>, bool) {
     }
 }
 
+/// Whether this transaction created, and has not committed yet, the live
+/// key of the subject `digest` or the installation secret: until it
+/// commits, another transaction (the background writer) recording an event
+/// of that subject would wait for it.
+pub fn created_here(digest: &[u8; DIGEST_LEN]) -> bool {
+    let secret_created = WRITER.with(|w| {
+        w.borrow()
+            .digester
+            .as_ref()
+            .is_some_and(|d| d.since.is_some())
+    });
+    if secret_created {
+        return true;
+    }
+    let xmin = store::as_owner(|| {
+        store::select_one::<String>(
+            "SELECT xmin::pg_catalog.text FROM subject_audit.subject_key \
+             WHERE subject_digest OPERATOR(pg_catalog.=) $1 AND erased_at IS NULL",
+            &[digest.to_vec().into()],
+        )
+    });
+    match xmin {
+        Ok(Some(xmin)) => xmin.parse::<u32>().is_ok_and(|xid| unsafe {
+            pg_sys::TransactionIdIsCurrentTransactionId(pg_sys::TransactionId::from(xid))
+        }),
+        _ => false,
+    }
+}
+
 /// The keyed digest of a subject token, as stored in `subject_key`.
 pub fn subject_digest(token: &[u8]) -> [u8; DIGEST_LEN] {
     if let Some(d) = WRITER.with(|w| w.borrow().digester.as_ref().map(|c| c.value.clone())) {
@@ -432,11 +461,13 @@ const LOAD_SUBJECT_KEYS: &str = "SELECT k.subject_digest, k.subject_key_id, k.sa
 
 /// Keys for the digests and salts in two arrays; the argument is the ON
 /// CONFLICT clause (none: a subject with a live key is a unique violation).
+/// Each salt's commitment (`salt_hash`, which the ledger checks) is computed
+/// here, once per key created, never per event.
 macro_rules! insert_subject_keys {
     ($on_conflict:literal) => {
         concat!(
-            "INSERT INTO subject_audit.subject_key AS k (subject_digest, salt) \
-             SELECT d, s FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.bytea[]), pg_catalog.unnest($2::pg_catalog.bytea[])) AS u(d, s) ",
+            "INSERT INTO subject_audit.subject_key AS k (subject_digest, salt, salt_hash) \
+             SELECT d, s, pg_catalog.sha256(s) FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.bytea[]), pg_catalog.unnest($2::pg_catalog.bytea[])) AS u(d, s) ",
             $on_conflict,
             " RETURNING k.subject_digest, k.subject_key_id, k.salt"
         )
@@ -454,7 +485,7 @@ const CREATE_NEW_SUBJECT_KEYS: &str =
 const CREATE_ALL_SUBJECT_KEYS: &str = insert_subject_keys!("");
 
 const CREATE_SUBJECT_KEY: &str =
-    "INSERT INTO subject_audit.subject_key AS k (subject_digest, salt) VALUES ($1, $2) \
+    "INSERT INTO subject_audit.subject_key AS k (subject_digest, salt, salt_hash) VALUES ($1, $2, pg_catalog.sha256($2)) \
      ON CONFLICT (subject_digest, erased_at) \
      DO UPDATE SET subject_digest = excluded.subject_digest \
      RETURNING k.subject_digest, k.subject_key_id, k.salt";

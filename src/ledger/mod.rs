@@ -4,6 +4,11 @@
 //! and every link; a checkpoint kept outside the database catches a ledger
 //! rebuilt from scratch.
 //!
+//! Each block also commits to the key material its events name: a digest
+//! over their `subject_key` rows (with a SHA-256 commitment of each salt,
+//! which erasure keeps) and their `writer_context` rows. Salts are checked
+//! against their commitments, and an erased salt against its ERASE event.
+//!
 //! A block covers the events of a range of transaction ids, ending at the
 //! sealing snapshot's xmin: every transaction below it has finished, so no
 //! late commit can ever add an event to a sealed range. Writers never wait
@@ -15,7 +20,11 @@ pub mod worker;
 use pgrx::prelude::*;
 use pgrx::PgSqlErrorCode::*;
 
-use crate::integrity::{self, BlockFields, EventFields, LabelFields, GENESIS};
+use std::collections::BTreeSet;
+
+use crate::integrity::{
+    self, BlockFields, EventFields, KeyMaterial, KeyRowsDigest, LabelFields, GENESIS,
+};
 use crate::store::{self, error::raise};
 
 /// Rows fetched per round trip while reading events.
@@ -31,6 +40,84 @@ struct Block {
     merkle_root: Vec<u8>,
     previous_hash: Vec<u8>,
     block_hash: Vec<u8>,
+    /// NULL in blocks sealed before blocks committed to key material.
+    subject_keys_digest: Option<Vec<u8>>,
+    writer_contexts_digest: Option<Vec<u8>>,
+}
+
+impl Block {
+    fn key_material(&self) -> Option<KeyMaterial<'_>> {
+        match (&self.subject_keys_digest, &self.writer_contexts_digest) {
+            (Some(subject_keys), Some(writer_contexts)) => Some(KeyMaterial {
+                subject_keys,
+                writer_contexts,
+            }),
+            _ => None,
+        }
+    }
+}
+
+/// The subject keys and writer contexts a block's events name.
+#[derive(Default)]
+struct KeyIds {
+    subject_keys: BTreeSet<i64>,
+    writer_contexts: BTreeSet<i64>,
+}
+
+impl KeyIds {
+    fn note(&mut self, subject_key_id: Option<i64>, context_id: Option<i64>) {
+        self.subject_keys.extend(subject_key_id);
+        self.writer_contexts.extend(context_id);
+    }
+
+    /// The digests of those rows as they are now (`KeyRowsDigest`).
+    fn digests(&self, client: &pgrx::spi::SpiClient<'_>) -> ([u8; 32], [u8; 32]) {
+        let subject_keys = rows_digest(
+            client,
+            KeyRowsDigest::subject_keys(),
+            "SELECT u.id, k.subject_key_id IS NOT NULL, k.subject_digest, k.salt_hash \
+             FROM pg_catalog.unnest($1::pg_catalog.int8[]) AS u(id) \
+             LEFT JOIN subject_audit.subject_key k ON k.subject_key_id OPERATOR(pg_catalog.=) u.id \
+             ORDER BY u.id",
+            &self.subject_keys,
+        );
+        let writer_contexts = rows_digest(
+            client,
+            KeyRowsDigest::writer_contexts(),
+            "SELECT u.id, c.context_id IS NOT NULL, pg_catalog.int4send(c.key_id), c.encapsulated_key \
+             FROM pg_catalog.unnest($1::pg_catalog.int8[]) AS u(id) \
+             LEFT JOIN subject_audit.writer_context c ON c.context_id OPERATOR(pg_catalog.=) u.id \
+             ORDER BY u.id",
+            &self.writer_contexts,
+        );
+        (subject_keys, writer_contexts)
+    }
+}
+
+/// Feeds `digest` the rows `query` returns for `ids`: (id, found, two fields).
+fn rows_digest(
+    client: &pgrx::spi::SpiClient<'_>,
+    mut digest: KeyRowsDigest,
+    query: &str,
+    ids: &BTreeSet<i64>,
+) -> [u8; 32] {
+    let ids: Vec<i64> = ids.iter().copied().collect();
+    let mut cursor = client.open_cursor(query, &[ids.into()]);
+    loop {
+        let chunk = cursor.fetch(FETCH).unwrap_or_else(|e| spi_error(e));
+        if chunk.is_empty() {
+            break;
+        }
+        for row in chunk {
+            let id: i64 = row.get(1).ok().flatten().unwrap_or_default();
+            let found: bool = row.get(2).ok().flatten().unwrap_or_default();
+            let fields: [Option<Vec<u8>>; 2] =
+                std::array::from_fn(|i| row.get::<Vec<u8>>(3 + i).ok().flatten());
+            let fields: [Option<&[u8]>; 2] = [fields[0].as_deref(), fields[1].as_deref()];
+            digest.add(id, found.then_some(&fields[..]));
+        }
+    }
+    digest.finish()
 }
 
 fn spi_error(e: pgrx::spi::SpiError) -> ! {
@@ -39,10 +126,12 @@ fn spi_error(e: pgrx::spi::SpiError) -> ! {
 
 fn read_blocks(client: &pgrx::spi::SpiClient<'_>, last_only: bool) -> Vec<Block> {
     let query = if last_only {
-        "SELECT block_id, from_txid, to_txid, event_count, merkle_root, previous_hash, block_hash \
+        "SELECT block_id, from_txid, to_txid, event_count, merkle_root, previous_hash, block_hash, \
+         subject_keys_digest, writer_contexts_digest \
          FROM subject_audit.block ORDER BY block_id DESC LIMIT 1"
     } else {
-        "SELECT block_id, from_txid, to_txid, event_count, merkle_root, previous_hash, block_hash \
+        "SELECT block_id, from_txid, to_txid, event_count, merkle_root, previous_hash, block_hash, \
+         subject_keys_digest, writer_contexts_digest \
          FROM subject_audit.block ORDER BY block_id"
     };
     let rows = client
@@ -56,6 +145,8 @@ fn read_blocks(client: &pgrx::spi::SpiClient<'_>, last_only: bool) -> Vec<Block>
         merkle_root: r.get(5).ok().flatten().unwrap_or_default(),
         previous_hash: r.get(6).ok().flatten().unwrap_or_default(),
         block_hash: r.get(7).ok().flatten().unwrap_or_default(),
+        subject_keys_digest: r.get(8).ok().flatten(),
+        writer_contexts_digest: r.get(9).ok().flatten(),
     })
     .collect()
 }
@@ -87,8 +178,9 @@ pub fn seal() -> i64 {
                 return 0;
             }
             let mut leaves = Vec::new();
+            let mut key_ids = KeyIds::default();
             let mut cursor = client.open_cursor(
-                "SELECT row_hash FROM subject_audit.event \
+                "SELECT row_hash, subject_key_id, context_id FROM subject_audit.event \
                  WHERE txid OPERATOR(pg_catalog.>=) $1 AND txid OPERATOR(pg_catalog.<) $2 ORDER BY event_id",
                 &[from_txid.into(), horizon.into()],
             );
@@ -100,6 +192,7 @@ pub fn seal() -> i64 {
                 for row in chunk {
                     let hash: Vec<u8> = row.get(1).ok().flatten().unwrap_or_default();
                     leaves.push(<[u8; 32]>::try_from(hash).unwrap_or([0; 32]));
+                    key_ids.note(row.get(2).ok().flatten(), row.get(3).ok().flatten());
                 }
             }
             drop(cursor);
@@ -109,6 +202,8 @@ pub fn seal() -> i64 {
             let block_id = last.as_ref().map_or(1, |b| b.block_id + 1);
             let previous_hash = last.map_or(GENESIS.to_vec(), |b| b.block_hash);
             let root = integrity::merkle_root(&leaves);
+            // Those rows are committed: every transaction that named them has finished.
+            let (subject_keys, writer_contexts) = key_ids.digests(client);
             let fields = BlockFields {
                 block_id,
                 from_txid,
@@ -116,13 +211,18 @@ pub fn seal() -> i64 {
                 event_count: leaves.len() as i64,
                 merkle_root: &root,
                 previous_hash: &previous_hash,
+                key_material: Some(KeyMaterial {
+                    subject_keys: &subject_keys,
+                    writer_contexts: &writer_contexts,
+                }),
             };
             let hash = integrity::block_hash(&fields);
             client
                 .update(
                     "INSERT INTO subject_audit.block (block_id, from_txid, to_txid, event_count, first_event_id, \
-                     last_event_id, merkle_root, previous_hash, block_hash) \
-                     SELECT $1, $2, $3, $4, pg_catalog.min(event_id), pg_catalog.max(event_id), $5, $6, $7 FROM subject_audit.event \
+                     last_event_id, merkle_root, previous_hash, block_hash, subject_keys_digest, writer_contexts_digest) \
+                     SELECT $1, $2, $3, $4, pg_catalog.min(event_id), pg_catalog.max(event_id), $5, $6, $7, $8, $9 \
+                     FROM subject_audit.event \
                      WHERE txid OPERATOR(pg_catalog.>=) $2 AND txid OPERATOR(pg_catalog.<) $3",
                     None,
                     &[
@@ -133,6 +233,8 @@ pub fn seal() -> i64 {
                         root.to_vec().into(),
                         previous_hash.clone().into(),
                         hash.to_vec().into(),
+                        subject_keys.to_vec().into(),
+                        writer_contexts.to_vec().into(),
                     ],
                 )
                 .unwrap_or_else(|e| spi_error(e));
@@ -184,6 +286,7 @@ fn verify_with(client: &pgrx::spi::SpiClient<'_>, checkpoint: Option<&str>) -> V
         more: 0,
     };
     check_labels(client, &mut problems);
+    check_salts(client, &mut problems);
     let blocks = read_blocks(client, false);
     let mut previous_hash = GENESIS.to_vec();
     let mut previous_to = 0i64;
@@ -215,6 +318,7 @@ fn verify_with(client: &pgrx::spi::SpiClient<'_>, checkpoint: Option<&str>) -> V
             event_count: b.event_count,
             merkle_root: &b.merkle_root,
             previous_hash: &b.previous_hash,
+            key_material: b.key_material(),
         });
         if recomputed[..] != b.block_hash[..] {
             problems.push(format!(
@@ -222,7 +326,23 @@ fn verify_with(client: &pgrx::spi::SpiClient<'_>, checkpoint: Option<&str>) -> V
                 b.block_id
             ));
         }
-        let leaves = block_events(client, b, &mut problems);
+        let mut key_ids = KeyIds::default();
+        let leaves = block_events(client, b, &mut key_ids, &mut problems);
+        if let Some(sealed) = b.key_material() {
+            let (subject_keys, writer_contexts) = key_ids.digests(client);
+            if subject_keys[..] != sealed.subject_keys[..] {
+                problems.push(format!(
+                    "block {}: a subject key its events use was changed since sealing (its digest or salt commitment, or the key deleted)",
+                    b.block_id
+                ));
+            }
+            if writer_contexts[..] != sealed.writer_contexts[..] {
+                problems.push(format!(
+                    "block {}: a writer context its events use was changed since sealing (its encapsulated key or writer key, or the context deleted)",
+                    b.block_id
+                ));
+            }
+        }
         events_checked += leaves.len() as i64;
         if leaves.len() as i64 != b.event_count
             || integrity::merkle_root(&leaves)[..] != b.merkle_root[..]
@@ -339,16 +459,53 @@ fn check_labels(client: &pgrx::spi::SpiClient<'_>, problems: &mut Problems) {
     }
 }
 
+/// Every live salt must match the commitment stored with it (a salt swapped
+/// or replaced would make that subject's payloads unreadable, or readable
+/// under another's key), and every erased one must have its ERASE event
+/// (crypto-shredding outside `forget_subject` leaves no trace otherwise).
+fn check_salts(client: &pgrx::spi::SpiClient<'_>, problems: &mut Problems) {
+    let rows = client
+        .select(
+            "SELECT k.subject_key_id, k.salt IS NOT NULL, k.salt_hash IS NOT NULL \
+             FROM subject_audit.subject_key k \
+             WHERE CASE WHEN k.salt IS NOT NULL \
+                   THEN k.salt_hash IS NULL OR k.salt_hash OPERATOR(pg_catalog.<>) pg_catalog.sha256(k.salt) \
+                   ELSE NOT EXISTS (SELECT FROM subject_audit.event e \
+                        JOIN subject_audit.event_label l ON l.label_id OPERATOR(pg_catalog.=) e.label_id \
+                        WHERE e.subject_key_id OPERATOR(pg_catalog.=) k.subject_key_id \
+                        AND l.operation OPERATOR(pg_catalog.=) 'ERASE') END \
+             ORDER BY k.subject_key_id",
+            None,
+            &[],
+        )
+        .unwrap_or_else(|e| spi_error(e));
+    for row in rows {
+        let id: i64 = row.get(1).ok().flatten().unwrap_or_default();
+        let live: bool = row.get(2).ok().flatten().unwrap_or_default();
+        let committed: bool = row.get(3).ok().flatten().unwrap_or_default();
+        problems.push(match (live, committed) {
+            (true, true) => format!(
+                "subject key {id}: its salt does not match its commitment (salt replaced or swapped)"
+            ),
+            (true, false) => format!("subject key {id}: its salt has no commitment"),
+            (false, _) => format!(
+                "subject key {id}: its salt is gone, but no ERASE event records its erasure"
+            ),
+        });
+    }
+}
+
 /// Recomputes the hash of every event in `block` from its stored fields.
 fn block_events(
     client: &pgrx::spi::SpiClient<'_>,
     block: &Block,
+    key_ids: &mut KeyIds,
     problems: &mut Problems,
 ) -> Vec<[u8; 32]> {
     let mut leaves = Vec::with_capacity(block.event_count.max(0) as usize);
     let mut cursor = client.open_cursor(
         &format!(
-            "SELECT e.event_id, e.at, e.txid, {LABEL_COLUMNS}, NULLIF(e.title, ''), e.subject_key_id, e.context_id, \
+            "SELECT e.event_id, e.at, e.txid, {LABEL_COLUMNS}, CASE WHEN e.title OPERATOR(pg_catalog.<>) '' THEN e.title END, e.subject_key_id, e.context_id, \
              e.nonce, e.payload, e.row_hash, k.subject_digest, l.label_id \
              FROM subject_audit.event e \
              LEFT JOIN subject_audit.event_label l ON l.label_id OPERATOR(pg_catalog.=) e.label_id \
@@ -368,6 +525,9 @@ fn block_events(
             let at: Option<TimestampWithTimeZone> = row.get(2).ok().flatten();
             let title: Option<String> = row.get(14).ok().flatten();
             let (nonce, payload, subject_digest) = (bytes(17), bytes(18), bytes(20));
+            let (subject_key_id, context_id) =
+                (row.get(15).ok().flatten(), row.get(16).ok().flatten());
+            key_ids.note(subject_key_id, context_id);
             let hash = StoredLabel::read(&row, 4).with_fields(|label| {
                 integrity::row_hash(&EventFields {
                     event_id,
@@ -375,9 +535,9 @@ fn block_events(
                     txid: row.get::<i64>(3).ok().flatten().unwrap_or_default() as u64,
                     label,
                     title: title.as_deref(),
-                    subject_key_id: row.get(15).ok().flatten(),
+                    subject_key_id,
                     subject_digest: subject_digest.as_deref(),
-                    context_id: row.get(16).ok().flatten(),
+                    context_id,
                     nonce: nonce.as_deref(),
                     payload: payload.as_deref(),
                 })

@@ -9,6 +9,8 @@ use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags
 use pgrx::prelude::*;
 use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting};
 
+use crate::store;
+
 static DATABASE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 static SEAL_INTERVAL: GucSetting<i32> = GucSetting::<i32>::new(1000);
 
@@ -60,16 +62,14 @@ pub extern "C-unwind" fn pg_subject_audit_sealer_main(_arg: pg_sys::Datum) {
         return;
     };
     BackgroundWorker::connect_worker_to_spi(Some(&database), None);
+    store::pin_worker_settings(&[]);
     let interval = || Duration::from_millis(SEAL_INTERVAL.get().max(10) as u64);
     while BackgroundWorker::wait_latch(Some(interval())) {
         if BackgroundWorker::sighup_received() {
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
         }
         BackgroundWorker::transaction(|| {
-            let installed = Spi::get_one::<bool>(
-                "SELECT EXISTS (SELECT FROM pg_catalog.pg_extension WHERE extname = 'pg_subject_audit')",
-            );
-            if matches!(installed, Ok(Some(true))) {
+            if store::extension_installed() {
                 super::seal();
             }
         });

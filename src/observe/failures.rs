@@ -5,6 +5,9 @@
 //! statement fails, the error's SQLSTATE, message and detail (caught by
 //! `emit_log_hook` as the error is reported) go with them to the writer,
 //! which encrypts the message like any payload: it can hold personal values.
+//! Where a table with excluded columns takes part, the error's text is not
+//! kept at all (its message or detail can quote their values), only the
+//! names of the constraint and column it concerns.
 //! A statement that succeeds drops its notes in ExecutorEnd.
 
 use std::cell::RefCell;
@@ -46,6 +49,9 @@ pub struct Change {
     tables: Vec<String>,
     subjects: HashSet<Vec<u8>>,
     not_itemized: u64,
+    /// Excluded columns of every tracked table the statement names (changed
+    /// or read): while any exists, the error's text is not kept.
+    excluded: Vec<String>,
     /// SQLSTATE and text of the error that ended it, when it was reported.
     error: Option<(String, String)>,
     /// SQLSTATE of the first error thrown while it ran (a handler may have
@@ -58,12 +64,13 @@ impl Change {
         self.error.is_some()
     }
 
-    fn new(operation: &'static str, tables: Vec<String>) -> Option<Change> {
+    fn new(operation: &'static str, tables: Vec<String>, excluded: Vec<String>) -> Option<Change> {
         (!tables.is_empty()).then_some(Change {
             operation,
             tables,
             subjects: HashSet::new(),
             not_itemized: 0,
+            excluded,
             error: None,
             thrown: None,
         })
@@ -80,16 +87,6 @@ impl Change {
             title.push_str(&format!(" ({} more rows, not itemized)", self.not_itemized));
         }
         let (sqlstate, message) = match self.error {
-            // With no subject the event's key can never be shredded: no
-            // detail, which is where values are (Key (email)=(…)).
-            Some((sqlstate, message)) if subjects.is_empty() => {
-                let message = message
-                    .split("\nDETAIL: ")
-                    .next()
-                    .unwrap_or_default()
-                    .to_owned();
-                (Some(sqlstate), message)
-            }
             Some((sqlstate, message)) => (Some(sqlstate), message),
             // Caught by an exception handler (PL/pgSQL), so never reported.
             None => (
@@ -97,13 +94,16 @@ impl Change {
                 "the error was handled by the caller; its message is not available".to_owned(),
             ),
         };
+        // An event of nobody's holds no message: it may quote values (Key
+        // (email)=(…), a trigger's RAISE) that no erasure could reach.
+        let message = (!subjects.is_empty()).then_some(message);
         Entry {
             failed: true,
             operation: self.operation.to_owned(),
             title,
             table_name,
             sqlstate,
-            message: Some(message),
+            message,
             subjects,
             who: who.clone(),
             ..Entry::default()
@@ -131,12 +131,24 @@ pub unsafe fn plan(
         return None;
     }
     let mut tables = Vec::new();
+    let mut excluded = Vec::new();
     for i in 0..(*result_relations).length as usize {
         let index = (*(*result_relations).elements.add(i)).int_value;
         let rte = pg_sys::list_nth((*stmt).rtable, index - 1) as *mut pg_sys::RangeTblEntry;
-        add_table(&mut tables, Some((*rte).relid));
+        add_table(&mut tables, &mut excluded, Some((*rte).relid));
     }
-    Change::new(operation, tables)
+    if tables.is_empty() {
+        return None;
+    }
+    // A table it only reads can put its values in the error too
+    // (`INSERT … SELECT note::int FROM notes`).
+    for rte in super::list_items((*stmt).rtable) {
+        let rte = rte as *mut pg_sys::RangeTblEntry;
+        if (*rte).rtekind == pg_sys::RTEKind::RTE_RELATION {
+            add_table(&mut Vec::new(), &mut excluded, Some((*rte).relid));
+        }
+    }
+    Change::new(operation, tables, excluded)
 }
 
 /// What a COPY FROM or TRUNCATE changes of tracked tables.
@@ -145,33 +157,51 @@ pub unsafe fn plan(
 /// `node` must be a valid parse tree node.
 pub unsafe fn plan_utility(node: *mut pg_sys::Node) -> Option<Change> {
     let mut tables = Vec::new();
+    let mut excluded = Vec::new();
     let operation = match (*node).type_ {
         pg_sys::NodeTag::T_CopyStmt => {
             let copy = node as *mut pg_sys::CopyStmt;
             if !(*copy).is_from || (*copy).relation.is_null() {
                 return None;
             }
-            add_table(&mut tables, store::relation_id((*copy).relation));
+            add_table(
+                &mut tables,
+                &mut excluded,
+                store::relation_id((*copy).relation),
+            );
             "INSERT"
         }
         pg_sys::NodeTag::T_TruncateStmt => {
             for relation in super::list_items((*(node as *mut pg_sys::TruncateStmt)).relations) {
-                add_table(&mut tables, store::relation_id(relation.cast()));
+                add_table(
+                    &mut tables,
+                    &mut excluded,
+                    store::relation_id(relation.cast()),
+                );
             }
             "TRUNCATE"
         }
         _ => return None,
     };
-    Change::new(operation, tables)
+    Change::new(operation, tables, excluded)
 }
 
-unsafe fn add_table(tables: &mut Vec<String>, relid: Option<pg_sys::Oid>) {
+unsafe fn add_table(
+    tables: &mut Vec<String>,
+    excluded: &mut Vec<String>,
+    relid: Option<pg_sys::Oid>,
+) {
     let Some(relid) = relid else {
         return;
     };
     if let Some(meta) = capture::tracked_table(relid) {
         if !tables.contains(&meta.name) {
             tables.push(meta.name.clone());
+        }
+        for column in &meta.excluded {
+            if !excluded.contains(column) {
+                excluded.push(column.clone());
+            }
         }
     }
 }
@@ -275,7 +305,11 @@ unsafe extern "C-unwind" fn emit_log(edata: *mut pg_sys::ErrorData) {
         if let Ok(held) = held {
             if !held.is_empty() {
                 // Only the error they threw themselves, raised again.
-                let error = describe(edata);
+                let excluded: Vec<&String> = held
+                    .iter()
+                    .flat_map(|(change, _)| &change.excluded)
+                    .collect();
+                let error = describe(edata, &excluded);
                 let (theirs, others): (Vec<_>, Vec<_>) = held
                     .into_iter()
                     .partition(|(change, _)| change.thrown.as_deref() == Some(error.0.as_str()));
@@ -300,6 +334,18 @@ unsafe extern "C-unwind" fn emit_log(edata: *mut pg_sys::ErrorData) {
             };
             // Only statements of the (sub)transaction that fails now.
             let level = pg_sys::GetCurrentTransactionNestLevel();
+            // Every statement under way can have put values in the error
+            // (a trigger's insert into another table, a function's read).
+            let excluded: Vec<String> = frames
+                .iter()
+                .filter(|frame| frame.level >= level)
+                .flat_map(|frame| -> Vec<String> {
+                    match &frame.kind {
+                        Kind::Change(change) => change.excluded.clone(),
+                        Kind::Read(reading) => reading.excluded().cloned().collect(),
+                    }
+                })
+                .collect();
             let mut failed = frames.iter_mut().filter_map(|frame| match &mut frame.kind {
                 Kind::Change(change) if change.error.is_none() && frame.level >= level => {
                     Some(change)
@@ -307,7 +353,7 @@ unsafe extern "C-unwind" fn emit_log(edata: *mut pg_sys::ErrorData) {
                 _ => None,
             });
             let Some(first) = failed.next() else { return };
-            let error = describe(edata);
+            let error = describe(edata, &excluded.iter().collect::<Vec<_>>());
             for change in failed {
                 change.error = Some(error.clone());
             }
@@ -319,18 +365,21 @@ unsafe extern "C-unwind" fn emit_log(edata: *mut pg_sys::ErrorData) {
     }
 }
 
-/// SQLSTATE, and message with detail, cut to `MAX_MESSAGE` bytes.
-unsafe fn describe(edata: *mut pg_sys::ErrorData) -> (String, String) {
+/// SQLSTATE, and the error's text (see `error_text`), cut to `MAX_MESSAGE` bytes.
+unsafe fn describe(edata: *mut pg_sys::ErrorData, excluded: &[&String]) -> (String, String) {
     let text = |p: *const std::ffi::c_char| {
         (!p.is_null()).then(|| CStr::from_ptr(p).to_string_lossy().into_owned())
     };
     let sqlstate = text(pg_sys::unpack_sql_state((*edata).sqlerrcode)).unwrap_or_default();
-    let mut message = text((*edata).message).unwrap_or_default();
-    // "Failing row contains (…)" lists every column, excluded ones too.
-    if let Some(detail) = text((*edata).detail).filter(|d| !d.starts_with("Failing row contains")) {
-        message.push_str("\nDETAIL: ");
-        message.push_str(&detail);
-    }
+    let mut message = error_text(
+        ErrorText {
+            message: text((*edata).message).unwrap_or_default(),
+            detail: text((*edata).detail),
+            constraint: text((*edata).constraint_name),
+            column: text((*edata).column_name),
+        },
+        excluded,
+    );
     if message.len() > MAX_MESSAGE {
         let mut cut = MAX_MESSAGE;
         while !message.is_char_boundary(cut) {
@@ -339,4 +388,104 @@ unsafe fn describe(edata: *mut pg_sys::ErrorData) -> (String, String) {
         message.truncate(cut);
     }
     (sqlstate, message)
+}
+
+/// What an error report says.
+struct ErrorText {
+    message: String,
+    detail: Option<String>,
+    constraint: Option<String>,
+    column: Option<String>,
+}
+
+/// The text a failure event keeps: message and detail; or, when `excluded`
+/// columns took part, only the constraint and column names the error
+/// concerns (any text can quote their values: `Key (note)=(…)`, `invalid
+/// input syntax for type integer: "…"`), and those only where they contain
+/// no excluded column's name.
+fn error_text(error: ErrorText, excluded: &[&String]) -> String {
+    if excluded.is_empty() {
+        let mut message = error.message;
+        // "Failing row contains (…)" lists every column.
+        if let Some(detail) = error
+            .detail
+            .filter(|d| !d.starts_with("Failing row contains"))
+        {
+            message.push_str("\nDETAIL: ");
+            message.push_str(&detail);
+        }
+        return message;
+    }
+    let names_none = |name: &String| {
+        let name = name.to_lowercase();
+        !excluded.iter().any(|c| name.contains(&c.to_lowercase()))
+    };
+    let mut message =
+        "error text not kept: a table with excluded columns took part in the statement".to_owned();
+    if let Some(constraint) = error.constraint.filter(names_none) {
+        message.push_str(&format!("; constraint \"{constraint}\""));
+    }
+    if let Some(column) = error.column.filter(names_none) {
+        message.push_str(&format!("; column \"{column}\""));
+    }
+    message
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn unique_violation() -> ErrorText {
+        ErrorText {
+            message: "duplicate key value violates unique constraint \"notes_code\"".into(),
+            detail: Some("Key (secret_note)=(the secret) already exists.".into()),
+            constraint: Some("notes_code".into()),
+            column: None,
+        }
+    }
+
+    #[test]
+    fn without_excluded_columns_message_and_detail_are_kept() {
+        assert_eq!(
+            error_text(unique_violation(), &[]),
+            "duplicate key value violates unique constraint \"notes_code\"\nDETAIL: Key (secret_note)=(the secret) already exists."
+        );
+        let check = ErrorText {
+            detail: Some("Failing row contains (1, the secret).".into()),
+            ..unique_violation()
+        };
+        assert!(!error_text(check, &[]).contains("the secret"));
+    }
+
+    #[test]
+    fn with_excluded_columns_no_text_that_can_quote_a_value_is_kept() {
+        let secret_note = "secret_note".to_owned();
+        let kept = error_text(unique_violation(), &[&secret_note]);
+        assert_eq!(
+            kept,
+            "error text not kept: a table with excluded columns took part in the statement; constraint \"notes_code\""
+        );
+        // A message can quote a value itself.
+        let cast = ErrorText {
+            message: "invalid input syntax for type integer: \"the secret\"".into(),
+            detail: None,
+            constraint: None,
+            column: Some("amount".into()),
+        };
+        let kept = error_text(cast, &[&secret_note]);
+        assert!(!kept.contains("the secret"), "{kept}");
+        assert!(kept.ends_with("; column \"amount\""), "{kept}");
+    }
+
+    #[test]
+    fn names_that_contain_an_excluded_column_are_left_out() {
+        let secret_note = "Secret_Note".to_owned();
+        let error = ErrorText {
+            constraint: Some("notes_secret_note_key".into()),
+            column: Some("secret_note".into()),
+            ..unique_violation()
+        };
+        let kept = error_text(error, &[&secret_note]);
+        assert!(!kept.to_lowercase().contains("secret_note"), "{kept}");
+    }
 }

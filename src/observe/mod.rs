@@ -258,10 +258,12 @@ unsafe fn watch(query: *mut pg_sys::QueryDesc) -> Option<u64> {
     let stmt = (*query).plannedstmt;
     let command = (*stmt).commandType;
     let select = command == pg_sys::CmdType::CMD_SELECT;
+    // RETURNING hands rows back: read like a SELECT's.
+    let returns_rows = select || (*stmt).hasReturning;
     let reading = match LOG_READS.get() {
         LogReads::Off => None,
         _ if is_foreign_key_check(query) => None,
-        mode => reads::plan(stmt, select && mode == LogReads::Subject, !select),
+        mode => reads::plan(stmt, returns_rows && mode == LogReads::Subject, !select),
     }
     .filter(|_| reads::recordable());
     // Nothing changes on a standby: the statement is refused right after.

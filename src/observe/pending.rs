@@ -93,17 +93,13 @@ pub fn flush(may_wait: bool) {
         let mut subjects: Vec<Vec<u8>> = p.subjects.into_iter().collect();
         subjects.sort_unstable();
         if p.not_itemized > 0 {
-            // Of nobody's: no detail, which may name values.
-            let message = entry
-                .message
-                .as_deref()
-                .map(|m| m.split("\nDETAIL: ").next().unwrap_or_default().to_owned());
+            // Of nobody's: no message, which may quote values.
             entries.push(Entry {
                 title: format!(
                     "{}: {} more subject values, not itemized",
                     entry.title, p.not_itemized
                 ),
-                message,
+                message: None,
                 ..entry.clone()
             });
         }
@@ -115,7 +111,7 @@ pub fn flush(may_wait: bool) {
     }
     let dropped = deferred::hand_over(&entries, may_wait);
     if dropped > 0 {
-        let message = format!("pg_subject_audit: {dropped} audit events could not be queued (queue full); the count is recorded in the trail");
+        let message = format!("pg_subject_audit: {dropped} audit events could not be queued; the count is recorded in the trail");
         if may_wait {
             warning!("{message}");
         } else {

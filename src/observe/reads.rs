@@ -4,7 +4,8 @@
 //! rows actually handed to the query's receiver are tapped for subject
 //! values, and each subject gets one READ event. Tables read without their
 //! subject in the output get one statement-level READ event (columns, row
-//! count, no subject). Statement text is never kept.
+//! count, no subject). The rows an INSERT, UPDATE or DELETE hands back with
+//! RETURNING are read the same way. Statement text is never kept.
 
 use std::collections::HashSet;
 use std::ffi::CStr;
@@ -23,12 +24,10 @@ const MAX_SUBJECTS: usize = 100_000;
 
 /// What one query read from tracked tables so far.
 pub struct Reading {
-    /// `select` or `copy`, for the title.
-    verb: &'static str,
     tables: Vec<ReadTable>,
-    /// Rows handed to the receiver (a SELECT), or processed (DML, COPY).
+    /// Rows handed to the receiver (a SELECT, RETURNING), or processed (DML, COPY).
     rows: u64,
-    /// Whether rows are counted by the receiver tap (a SELECT).
+    /// Whether rows are counted by the receiver tap (a SELECT, RETURNING).
     tapped: bool,
     /// Its executor ran (a statement refused before that read nothing).
     started: bool,
@@ -39,6 +38,8 @@ pub struct Reading {
 struct ReadTable {
     relid: pg_sys::Oid,
     meta: Rc<TableMeta>,
+    /// `select public.customers`, `copy …`, `update … returning`.
+    title: String,
     /// Columns named in the query (statement-level) or returned (per subject).
     selected: Vec<String>,
     returned: Vec<String>,
@@ -52,7 +53,8 @@ struct ReadTable {
 /// What a statement reads of tracked tables, or None if nothing: a SELECT
 /// (per subject where it returns the subject column, with `per_subject`),
 /// or the tables a DML statement reads besides the ones it changes (its
-/// own target's rows are in its change events).
+/// own target's rows are in its change events) — and, if it hands rows back
+/// (RETURNING), its targets too, like a SELECT: those rows are read.
 ///
 /// # Safety
 /// `stmt` must be the plan the executor is starting.
@@ -62,12 +64,14 @@ pub unsafe fn plan(
     dml: bool,
 ) -> Option<Box<Reading>> {
     let results: Vec<i32> = int_items((*stmt).resultRelations);
+    let returning = dml && (*stmt).hasReturning;
     let mut tables: Vec<ReadTable> = Vec::new();
     for (index, rte) in super::list_items((*stmt).rtable).into_iter().enumerate() {
         let rte = rte as *mut pg_sys::RangeTblEntry;
+        let target = dml && results.contains(&(index as i32 + 1));
         if (*rte).rtekind != pg_sys::RTEKind::RTE_RELATION
             || (*rte).requiredPerms & pg_sys::ACL_SELECT as pg_sys::AclMode == 0
-            || (dml && results.contains(&(index as i32 + 1)))
+            || (target && !returning)
         {
             continue;
         }
@@ -81,6 +85,7 @@ pub unsafe fn plan(
                 };
                 tables.push(ReadTable {
                     relid,
+                    title: format!("select {}", meta.name),
                     meta,
                     selected: Vec::new(),
                     returned: Vec::new(),
@@ -91,8 +96,12 @@ pub unsafe fn plan(
                 tables.last_mut().expect("just pushed")
             }
         };
+        if target {
+            table.title = format!("{} {} returning", command_verb(stmt), table.meta.name);
+        }
+        // Excluded columns appear nowhere, not even by name.
         for column in selected_columns(relid, (*rte).selectedCols) {
-            if !table.selected.contains(&column) {
+            if table.meta.column_names.contains(&column) && !table.selected.contains(&column) {
                 table.selected.push(column);
             }
         }
@@ -111,7 +120,7 @@ pub unsafe fn plan(
             };
             let column = (*entry).resorigcol;
             if let Some(name) = column_name(table.relid, column) {
-                if !table.returned.contains(&name) {
+                if table.meta.column_names.contains(&name) && !table.returned.contains(&name) {
                     table.returned.push(name);
                 }
             }
@@ -121,13 +130,22 @@ pub unsafe fn plan(
         }
     }
     Some(Box::new(Reading {
-        verb: "select",
         tables,
         rows: 0,
-        tapped: !dml,
+        tapped: !dml || returning,
         started: false,
         finished: false,
     }))
+}
+
+/// `insert`, `update` or `delete`, for the title of what RETURNING read.
+unsafe fn command_verb(stmt: *mut pg_sys::PlannedStmt) -> &'static str {
+    match (*stmt).commandType {
+        pg_sys::CmdType::CMD_INSERT => "insert",
+        pg_sys::CmdType::CMD_UPDATE => "update",
+        pg_sys::CmdType::CMD_DELETE => "delete",
+        _ => "change",
+    }
 }
 
 /// What `COPY table TO …` reads, if the table is tracked: a statement-level
@@ -158,10 +176,14 @@ pub unsafe fn plan_copy_to(node: *mut pg_sys::Node) -> Option<Box<Reading>> {
     } else {
         named
     };
+    let selected = selected
+        .into_iter()
+        .filter(|c| meta.column_names.contains(c))
+        .collect();
     Some(Box::new(Reading {
-        verb: "copy",
         tables: vec![ReadTable {
             relid,
+            title: format!("copy {}", meta.name),
             meta,
             selected,
             returned: Vec::new(),
@@ -258,6 +280,11 @@ pub fn recordable() -> bool {
 }
 
 impl Reading {
+    /// The excluded columns of the tables it reads.
+    pub fn excluded(&self) -> impl Iterator<Item = &String> {
+        self.tables.iter().flat_map(|t| &t.meta.excluded)
+    }
+
     /// Whether its rows are counted (and subjects noted) by a receiver tap.
     pub fn taps(&self) -> bool {
         self.tapped
@@ -295,20 +322,20 @@ impl Reading {
                 who: who.clone(),
                 ..Entry::default()
             };
-            let name = &table.meta.name;
+            let title = &table.title;
             if table.subject_outputs.is_empty() {
                 // Rows a tap counted were sent, even if the statement failed later.
                 let title = if self.finished || self.tapped {
-                    format!("{} {name}", self.verb)
+                    title.clone()
                 } else {
-                    format!("{} {name}: cut short", self.verb)
+                    format!("{title}: cut short")
                 };
                 entries.push(entry(title, &table.selected, Vec::new()));
                 continue;
             }
             if !table.subjects.is_empty() {
                 entries.push(entry(
-                    format!("select {name}"),
+                    title.clone(),
                     &table.returned,
                     table.subjects.iter().cloned().collect(),
                 ));
@@ -316,7 +343,7 @@ impl Reading {
             if table.not_itemized > 0 {
                 entries.push(entry(
                     format!(
-                        "select {name}: {} more subject values, not itemized",
+                        "{title}: {} more subject values, not itemized",
                         table.not_itemized
                     ),
                     &table.returned,

@@ -34,11 +34,17 @@ pub struct DecryptedEvent {
     pub payload: Option<Payload>,
     /// It had a payload, and the subject's erasure destroyed its key.
     pub erased: bool,
+    /// Its ciphertext failed authentication (tampered with, or moved from
+    /// another event): its payload is not shown, the rest of the trail is.
+    pub unauthenticated: bool,
 }
 
 impl DecryptedEvent {
     /// A sentence: `changed email, phone — ticket #4711`.
     pub fn description(&self) -> String {
+        if self.unauthenticated {
+            return UNAUTHENTICATED.into();
+        }
         let note = self.payload.as_ref().and_then(|p| p.note.as_deref());
         let what = match (self.operation.as_str(), note) {
             // A failed statement: the note is its error message.
@@ -49,7 +55,17 @@ impl DecryptedEvent {
                 format!("read {}", self.changed_columns.join(", "))
             }
             ("INSERT", _) => format!("created {}", self.changed_columns.join(", ")),
-            ("UPDATE", _) => format!("changed {}", self.changed_columns.join(", ")),
+            ("UPDATE", _) => match self.moved() {
+                Some(Moved::Left) => format!(
+                    "row passed to another subject or to nobody; it held {}",
+                    self.changed_columns.join(", ")
+                ),
+                Some(Moved::Came) => format!(
+                    "row came to this subject; it holds {}",
+                    self.changed_columns.join(", ")
+                ),
+                None => format!("changed {}", self.changed_columns.join(", ")),
+            },
             ("DELETE", _) => format!("deleted {}", self.changed_columns.join(", ")),
             ("TRUNCATE", _) => format!(
                 "deleted {} (table truncated)",
@@ -62,6 +78,22 @@ impl DecryptedEvent {
         match self.payload.as_ref().and_then(|p| p.reason.as_deref()) {
             Some(reason) => format!("{what} — {reason}"),
             None => what,
+        }
+    }
+
+    /// Whether this UPDATE changed the row's subject, seen from this subject:
+    /// its payload then holds only the row as it left, or as it came. Known
+    /// only while the payload can be read.
+    fn moved(&self) -> Option<Moved> {
+        let columns = &self.payload.as_ref()?.columns;
+        if columns.is_empty() {
+            None
+        } else if columns.iter().all(|c| c.after == Value::Absent) {
+            Some(Moved::Left)
+        } else if columns.iter().all(|c| c.before == Value::Absent) {
+            Some(Moved::Came)
+        } else {
+            None
         }
     }
 
@@ -83,11 +115,9 @@ impl DecryptedEvent {
             }
         }
         let object = |m: Map<String, Json>| (!m.is_empty()).then_some(Json::Object(m));
-        match self.operation.as_str() {
-            "INSERT" => (None, object(after)),
-            "DELETE" | "TRUNCATE" => (object(before), None),
-            _ => (Some(Json::Object(before)), Some(Json::Object(after))),
-        }
+        // An UPDATE that changed the row's subject holds one side only (the
+        // row as it left one subject, or as it came to the other).
+        (object(before), object(after))
     }
 
     /// The event as an object of the export document (`docs/export.md`).
@@ -112,9 +142,19 @@ impl DecryptedEvent {
             "before": before,
             "after": after,
             "erased": self.erased,
+            "authenticated": !self.unauthenticated,
         })
     }
 }
+
+/// Which way a row went in an UPDATE that changed its subject.
+enum Moved {
+    Left,
+    Came,
+}
+
+/// What an event whose ciphertext fails authentication says instead.
+const UNAUTHENTICATED: &str = "could not be authenticated: its ciphertext does not belong to this event and subject (altered or moved; see subject_audit.verify())";
 
 /// The export document of one subject: `docs/export.md` documents its schema.
 pub fn export_document(token: &str, events: &[DecryptedEvent]) -> Json {
@@ -160,7 +200,8 @@ macro_rules! subject_events_where {
     ($condition:literal) => {
         concat!(
             "SELECT e.event_id, e.at, l.operation, \
-     coalesce(NULLIF(e.title, ''), pg_catalog.lower(l.operation) OPERATOR(pg_catalog.||) ' ' OPERATOR(pg_catalog.||) l.table_name), \
+     CASE WHEN e.title OPERATOR(pg_catalog.<>) '' THEN e.title \
+     ELSE pg_catalog.lower(l.operation) OPERATOR(pg_catalog.||) ' ' OPERATOR(pg_catalog.||) l.table_name END, \
      l.status, l.actor, l.table_name, l.changed_columns, e.subject_key_id, e.context_id, \
      e.nonce, e.payload, k.salt, c.key_id, c.encapsulated_key, \
      l.sqlstate, l.db_role, l.session_role, l.application_name, pg_catalog.host(l.client_addr), e.txid, \
@@ -218,6 +259,7 @@ pub fn subject_events(token: &str, only_event: Option<i64>) -> Vec<DecryptedEven
                     changed_columns: row.get(8)?.unwrap_or_default(),
                     payload: None,
                     erased: false,
+                    unauthenticated: false,
                 };
                 if row.get::<i32>(22)?.is_none() {
                     raise(
@@ -238,7 +280,17 @@ pub fn subject_events(token: &str, only_event: Option<i64>) -> Vec<DecryptedEven
                         nonce: row.get::<Vec<u8>>(11)?.unwrap_or_default(),
                         ciphertext,
                     };
-                    event.payload = Some(decrypt(&event, &stored, &digest, &salt, &mut keys));
+                    match decrypt(&event, &stored, &digest, &salt, &mut keys) {
+                        Some(payload) => event.payload = Some(payload),
+                        // One bad event must not hide the rest of the trail.
+                        None => {
+                            pgrx::warning!(
+                                "event {} could not be authenticated: its values are not shown",
+                                event.event_id
+                            );
+                            event.unauthenticated = true;
+                        }
+                    }
                 }
                 events.push(event);
             }
@@ -273,16 +325,14 @@ fn decrypt(
     digest: &[u8],
     salt: &[u8],
     keys: &mut DataKeys,
-) -> Payload {
+) -> Option<Payload> {
     let event_id = event.event_id;
+    // No context to derive a key from: as unauthenticated as a bad tag.
     let (Some(context_id), Some(key_id)) = (stored.context_id, stored.key_id) else {
-        raise(
-            ERRCODE_DATA_CORRUPTED,
-            format!("event {event_id} names no writer context"),
-        );
+        return None;
     };
     let key = keys.entry((context_id, stored.subject_key_id)).or_insert_with(|| {
-        let key = keyring::reader_data_key(context_id, key_id, &stored.encapsulated_key, Some(salt))
+        let key = keyring::reader_data_key(context_id, key_id, &stored.encapsulated_key, salt)
             .unwrap_or_else(|KeyNotUnlocked(key_id)| {
                 raise_with_hint(
                     ERRCODE_INSUFFICIENT_PRIVILEGE,
@@ -304,10 +354,5 @@ fn decrypt(
             Some(&columns),
         ),
     };
-    envelope::open_event(key, &stored.nonce, &binding, &stored.ciphertext).unwrap_or_else(|_| {
-        raise(
-            ERRCODE_DATA_CORRUPTED,
-            format!("event {event_id} failed authentication: its ciphertext does not belong to this event and subject"),
-        )
-    })
+    envelope::open_event(key, &stored.nonce, &binding, &stored.ciphertext).ok()
 }

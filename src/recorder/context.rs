@@ -12,6 +12,12 @@ use crate::store;
 static ACTOR: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 static REASON: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 
+/// Longest actor and reason, in characters: any role can set them, and
+/// every event repeats them (the actor in its label, the reason encrypted in
+/// its payload), so an unbounded one would bloat the trail.
+const MAX_ACTOR_CHARS: usize = 200;
+const MAX_REASON_CHARS: usize = 1000;
+
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct StatementContext {
     pub at: i64,
@@ -33,29 +39,76 @@ thread_local! {
 /// Defines the settings that say who acts and why, and registers the
 /// callback that keeps the role names current.
 pub fn init() {
-    GucRegistry::define_string_guc(
-        c"subject_audit.actor",
-        c"Who acts, in the application's terms; recorded on every event.",
-        c"Set per transaction with SET LOCAL. Empty means the database role.",
-        &ACTOR,
-        GucContext::Userset,
-        GucFlags::default(),
-    );
-    GucRegistry::define_string_guc(
-        c"subject_audit.reason",
-        c"Why, e.g. a purpose or ticket; encrypted into every event's description.",
-        c"Set per transaction with SET LOCAL.",
-        &REASON,
-        GucContext::Userset,
-        GucFlags::default(),
-    );
     unsafe {
+        GucRegistry::define_string_guc_with_hooks(
+            c"subject_audit.actor",
+            c"Who acts, in the application's terms; recorded on every event.",
+            c"Set per transaction with SET LOCAL. Empty means the database role. At most 200 characters.",
+            &ACTOR,
+            GucContext::Userset,
+            GucFlags::default(),
+            Some(check_actor),
+            None,
+            None,
+        );
+        GucRegistry::define_string_guc_with_hooks(
+            c"subject_audit.reason",
+            c"Why, e.g. a purpose or ticket; encrypted into every event's description.",
+            c"Set per transaction with SET LOCAL. At most 1000 characters.",
+            &REASON,
+            GucContext::Userset,
+            GucFlags::default(),
+            Some(check_reason),
+            None,
+            None,
+        );
+
         pg_sys::CacheRegisterSyscacheCallback(
             pg_sys::SysCacheIdentifier::AUTHOID as i32,
             Some(on_role_changed),
             pg_sys::Datum::from(0),
         );
     }
+}
+
+/// Why a setting's value of `chars` characters is refused, if it is.
+fn length_problem(setting: &str, chars: usize, limit: usize) -> Option<String> {
+    (chars > limit)
+        .then(|| format!("{setting} is too long: {chars} characters, at most {limit} are accepted"))
+}
+
+/// Refuses a value longer than `limit` characters; the error does not repeat it.
+unsafe fn check_length(newval: *mut *mut std::ffi::c_char, setting: &str, limit: usize) -> bool {
+    if newval.is_null() || (*newval).is_null() {
+        return true;
+    }
+    let chars = pg_sys::pg_mbstrlen(*newval) as usize;
+    match length_problem(setting, chars, limit) {
+        None => true,
+        Some(problem) => {
+            let problem = CString::new(problem).unwrap_or_default();
+            pg_sys::GUC_check_errmsg_string = pg_sys::pstrdup(problem.as_ptr());
+            false
+        }
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn check_actor(
+    newval: *mut *mut std::ffi::c_char,
+    _extra: *mut *mut std::ffi::c_void,
+    _source: pg_sys::GucSource::Type,
+) -> bool {
+    check_length(newval, "subject_audit.actor", MAX_ACTOR_CHARS)
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn check_reason(
+    newval: *mut *mut std::ffi::c_char,
+    _extra: *mut *mut std::ffi::c_void,
+    _source: pg_sys::GucSource::Type,
+) -> bool {
+    check_length(newval, "subject_audit.reason", MAX_REASON_CHARS)
 }
 
 #[pg_guard]
@@ -126,5 +179,49 @@ impl StatementContext {
             client_addr: client_addr(),
             reason: setting(unsafe { *REASON.as_ptr() }),
         }
+    }
+}
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pg_schema]
+mod tests {
+    use super::*;
+
+    #[pg_test(
+        error = "subject_audit.reason is too long: 100000 characters, at most 1000 are accepted"
+    )]
+    fn a_reason_past_the_limit_is_refused() {
+        Spi::run("SELECT set_config('subject_audit.reason', repeat('x', 100000), true)").unwrap();
+    }
+
+    #[pg_test(error = "subject_audit.actor is too long: 201 characters, at most 200 are accepted")]
+    fn an_actor_past_the_limit_is_refused() {
+        Spi::run("SELECT set_config('subject_audit.actor', repeat('a', 201), true)").unwrap();
+    }
+
+    #[pg_test]
+    fn the_limits_count_characters_not_bytes() {
+        // Two bytes each in UTF-8: 2000 bytes, 1000 characters.
+        Spi::run("SELECT set_config('subject_audit.reason', repeat('é', 1000), true)").unwrap();
+        Spi::run("SELECT set_config('subject_audit.actor', repeat('é', 200), true)").unwrap();
+        let reason = Spi::get_one::<String>("SELECT current_setting('subject_audit.reason')")
+            .unwrap()
+            .unwrap();
+        assert_eq!(reason.chars().count(), 1000);
+    }
+
+    #[test]
+    fn lengths_up_to_the_limit_pass_and_longer_ones_are_refused() {
+        assert_eq!(
+            length_problem("subject_audit.reason", MAX_REASON_CHARS, MAX_REASON_CHARS),
+            None
+        );
+        assert_eq!(
+            length_problem("subject_audit.reason", 100_000, MAX_REASON_CHARS).as_deref(),
+            Some("subject_audit.reason is too long: 100000 characters, at most 1000 are accepted")
+        );
+        assert!(
+            length_problem("subject_audit.actor", MAX_ACTOR_CHARS + 1, MAX_ACTOR_CHARS).is_some()
+        );
     }
 }

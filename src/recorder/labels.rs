@@ -84,15 +84,20 @@ pub fn forget_remembered() {
     LABELS.with(|l| *l.borrow_mut() = Labels::default());
 }
 
-/// A label with exactly these fields (NULLs alike).
+/// A label with exactly these fields (NULLs alike). Spelled out rather than
+/// `IS NOT DISTINCT FROM`, which finds its `=` through search_path.
 const FIND: &str = "SELECT label_id FROM subject_audit.event_label \
      WHERE label_digest OPERATOR(pg_catalog.=) $1 AND operation OPERATOR(pg_catalog.=) $2 \
-     AND status OPERATOR(pg_catalog.=) $3 AND sqlstate IS NOT DISTINCT FROM $4 \
-     AND table_name IS NOT DISTINCT FROM $5 AND actor OPERATOR(pg_catalog.=) $6 \
+     AND status OPERATOR(pg_catalog.=) $3 \
+     AND (sqlstate OPERATOR(pg_catalog.=) $4 OR (sqlstate IS NULL AND $4 IS NULL)) \
+     AND (table_name OPERATOR(pg_catalog.=) $5 OR (table_name IS NULL AND $5 IS NULL)) \
+     AND actor OPERATOR(pg_catalog.=) $6 \
      AND db_role OPERATOR(pg_catalog.=) $7 AND session_role OPERATOR(pg_catalog.=) $8 \
-     AND application_name IS NOT DISTINCT FROM $9 \
-     AND client_addr IS NOT DISTINCT FROM $10::pg_catalog.inet \
-     AND changed_columns IS NOT DISTINCT FROM $11 LIMIT 1";
+     AND (application_name OPERATOR(pg_catalog.=) $9 OR (application_name IS NULL AND $9 IS NULL)) \
+     AND (client_addr OPERATOR(pg_catalog.=) $10::pg_catalog.inet \
+          OR (client_addr IS NULL AND $10::pg_catalog.inet IS NULL)) \
+     AND (changed_columns OPERATOR(pg_catalog.=) $11 OR (changed_columns IS NULL AND $11 IS NULL)) \
+     LIMIT 1";
 const ADD: &str =
     "INSERT INTO subject_audit.event_label (label_digest, operation, status, sqlstate, \
      table_name, actor, db_role, session_role, application_name, client_addr, changed_columns) \

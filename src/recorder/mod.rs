@@ -39,7 +39,8 @@ pub fn init() {
 /// Whose event it is.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
 pub enum Subject {
-    /// Nobody's (admin events, rows whose subject is NULL).
+    /// Nobody's (admin events, rows whose subject is NULL): never with a
+    /// payload, as no erasure could destroy the key of values of nobody's.
     Nobody,
     /// The subject with this keyed digest; its live key is used (or created).
     Digest([u8; DIGEST_LEN]),
@@ -234,7 +235,6 @@ unsafe fn record_unchecked(groups: &[Group<'_>]) -> Vec<i64> {
     let mut inserter = EventInserter::open(relations.event, count);
     // Boxed: a DataKey is large, and the map must not move them around as it grows.
     let mut data_keys: HashMap<i64, Box<DataKey>> = HashMap::with_capacity(subject_keys.len());
-    let no_subject_key = writer.as_ref().map(|w| w.sender.data_key(None));
     let mut event_ids = Vec::with_capacity(count);
     for (group, (sets, of_draft)) in groups.iter().zip(&column_sets) {
         let (header, statement) = (group.header, group.statement);
@@ -269,13 +269,10 @@ unsafe fn record_unchecked(groups: &[Group<'_>]) -> Vec<i64> {
                     let key: &DataKey = match subject_key {
                         Some(k) => data_keys
                             .entry(k.subject_key_id)
-                            .or_insert_with(|| Box::new(writer.sender.data_key(Some(&k.salt[..])))),
-                        None if draft.subject == Subject::Nobody => {
-                            no_subject_key.as_ref().expect("writer context")
-                        }
+                            .or_insert_with(|| Box::new(writer.sender.data_key(&k.salt[..]))),
                         None => raise(
                             ERRCODE_INTERNAL_ERROR,
-                            "an event for a subject key by id carries no payload",
+                            "an event of nobody's, or for a subject key by id, carries no payload",
                         ),
                     };
                     let binding = Binding {

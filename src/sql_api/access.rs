@@ -1,27 +1,52 @@
 //! Who looked: every read of a subject's trail, and every retrieval the
 //! application reports with `record_access`, leaves a READ event in that
-//! subject's trail, with the reader's context and reason.
+//! subject's trail, with the reader's context and reason. A read of the
+//! trail is recorded by the background writer, so that neither a rollback
+//! nor a read-only transaction takes its event away.
 
 use pgrx::prelude::*;
 use pgrx::PgSqlErrorCode::*;
 use zeroize::Zeroizing;
 
-use super::admin::read_only_reason;
+use super::admin::{self, read_only_reason, Recording};
+use crate::deferred::Entry;
 use crate::envelope::PayloadWriter;
 use crate::keyring;
 use crate::recorder::{self, Draft, Header, StatementContext, Subject};
 use crate::store::error::raise_with_hint;
 
-/// Records that the trail of `token` was read by one of our functions. In a
-/// read-only transaction or on a standby the read goes on unrecorded, with a
-/// NOTICE saying so, unless `subject_audit.require_recorded_reads` is on.
+/// Records that the trail of `token` was read by one of our functions,
+/// whatever becomes of this transaction (`admin::recording` says where it
+/// cannot be): returns once the background writer has committed the event
+/// (`admin::record_deferred` says what happens if it does not).
 pub fn record_trail_read(token: &str, title: &str) {
-    if let Some(why) = read_only_reason() {
-        super::admin::refuse_unrecorded("read of the audit trail", why);
-        notice!("this read of the audit trail is not recorded in the subject's trail: {why}");
-        return;
+    const WHAT: &str = "read of the audit trail";
+    match admin::recording(WHAT) {
+        // A subject whose key this transaction created exists only in it
+        // (a rollback takes what was read with it), and the writer could not
+        // record its event before this transaction ends: recorded here.
+        Recording::Deferred
+            if keyring::created_here(&keyring::subject_digest(token.as_bytes())) =>
+        {
+            record_read(token, title, None);
+        }
+        Recording::Deferred => {
+            let entry = Entry {
+                operation: "READ".into(),
+                title: title.to_owned(),
+                subjects: vec![token.as_bytes().to_vec()],
+                who: StatementContext::without_transaction(),
+                ..Entry::default()
+            };
+            admin::record_deferred(&entry, WHAT);
+        }
+        Recording::InTransaction => {
+            record_read(token, title, None);
+        }
+        Recording::Nowhere(why) => {
+            notice!("this read of the audit trail is not recorded in the subject's trail: {why}")
+        }
     }
-    record_read(token, title, None);
 }
 
 /// The application's own retrieval of a subject's data; returns the event id.
@@ -67,9 +92,7 @@ fn record_read(token: &str, title: &str, note: Option<&str>) -> i64 {
 /// given in `subject_audit.session_key`, checked on first use.
 pub fn before_trail_read(token: &str) {
     keyring::check_bound(token);
-    for key_id in keyring::unlock_pending() {
-        super::admin::record_unlock(key_id, "subject_audit.session_key");
-    }
+    keyring::unlock_pending(|key_id| admin::record_unlock(key_id, "subject_audit.session_key"));
 }
 
 /// Binds this session to one subject for the rest of its life: the reading
@@ -81,8 +104,10 @@ fn bind_subject(token: Option<&str>) {
 }
 
 /// The background writer's queue in this database, since the server
-/// started: entries waiting, written, and dropped (queue full or writer
-/// unavailable; each drop is also recorded as a DROPPED event).
+/// started: entries waiting, events written, events dropped (queue full,
+/// writer unavailable, ...; with those carried over from before a restart
+/// that were not recorded yet), and how many of the dropped are recorded in
+/// the admin trail as DROPPED events.
 #[pg_extern(volatile, parallel_safe)]
 fn writer_status() -> TableIterator<
     'static,
@@ -90,6 +115,7 @@ fn writer_status() -> TableIterator<
         name!(waiting, i64),
         name!(written, i64),
         name!(dropped, i64),
+        name!(dropped_recorded, i64),
     ),
 > {
     TableIterator::once(crate::deferred::status())

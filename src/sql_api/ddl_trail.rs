@@ -88,7 +88,7 @@ unsafe extern "C-unwind" fn process_utility(
     // Nor do our own CREATE/ALTER EXTENSION scripts.
     let relevant =
         !node.is_null() && RELEVANT.contains(&(*node).type_) && pg_sys::IsTransactionState();
-    let installed = relevant && extension_installed() && !in_our_script();
+    let installed = relevant && store::extension_installed() && !in_our_script();
     let own = capture_triggers::in_own_ddl();
     // Described before running: the statement's tree may be scribbled on.
     let setting = if installed {
@@ -168,7 +168,7 @@ unsafe extern "C-unwind" fn process_utility(
         observe::finish_utility(rows);
     }
     // Checked again: the statement may have been DROP EXTENSION.
-    if !installed || !extension_installed() {
+    if !installed || !store::extension_installed() {
         return;
     }
     if let Some(title) = setting {
@@ -319,10 +319,6 @@ unsafe fn partition_change(node: *mut pg_sys::Node) -> Option<(*mut pg_sys::Rang
         }
         _ => None,
     }
-}
-
-fn extension_installed() -> bool {
-    unsafe { pg_sys::get_extension_oid(c"pg_subject_audit".as_ptr(), true) != pg_sys::InvalidOid }
 }
 
 /// Running our own CREATE/ALTER EXTENSION script (other extensions' scripts

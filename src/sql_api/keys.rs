@@ -27,13 +27,33 @@ fn install_public_key(public_key: Option<&[u8]>) -> i32 {
         );
     }
     let relations = store::relations();
-    let existing = store::as_owner(|| {
-        Spi::get_one_with_args::<i32>(
-            "SELECT key_id FROM subject_audit.writer_key WHERE public_key OPERATOR(pg_catalog.=) $1",
-            &[public_key.into()],
+    // By the point each key stands for: a key installed before canonical
+    // encodings were required may be another encoding of this one.
+    let installed = store::as_owner(|| {
+        Spi::connect(|client| {
+            client
+                .select(
+                    "SELECT key_id, public_key FROM subject_audit.writer_key ORDER BY key_id",
+                    None,
+                    &[],
+                )?
+                .map(|row| Ok((row.get::<i32>(1)?, row.get::<Vec<u8>>(2)?)))
+                .collect::<Result<Vec<_>, pgrx::spi::SpiError>>()
+        })
+    })
+    .unwrap_or_else(|e| {
+        raise(
+            ERRCODE_INTERNAL_ERROR,
+            format!("could not read the installed keys: {e}"),
         )
     });
-    if let Ok(Some(key_id)) = existing {
+    let canonical = crypto::canonical_form(public_key);
+    let existing = installed.into_iter().find_map(|(key_id, key)| {
+        (key.as_deref().map(crypto::canonical_form) == Some(canonical.clone()))
+            .then_some(key_id)
+            .flatten()
+    });
+    if let Some(key_id) = existing {
         raise(
             ERRCODE_DUPLICATE_OBJECT,
             format!("this public key is already installed as key {key_id}"),
@@ -57,12 +77,14 @@ fn install_public_key(public_key: Option<&[u8]>) -> i32 {
 /// Adds a private key to this session's keyring; returns how many keys it holds.
 #[pg_extern(volatile, parallel_unsafe)]
 fn unlock(private_key: Option<&[u8]>) -> i32 {
+    // First: whatever fails below, this statement's log lines and activity
+    // must not show the key (it may have come through a wrapper function).
+    keyring::note_key_statement();
     let private_key = super::required(private_key, "private_key");
-    if let Some(why) = admin::read_only_reason() {
-        admin::refuse_unrecorded("unlock", why);
-    }
-    let (key_id, keys) = keyring::unlock(private_key);
-    admin::record_unlock(key_id, "unlock()");
+    // Recorded before the key is added: a refused unlock adds nothing.
+    let (_, keys) = keyring::unlock(private_key, |key_id| {
+        admin::record_unlock(key_id, "unlock()")
+    });
     keys as i32
 }
 
@@ -113,4 +135,36 @@ fn retire_public_key(key_id: Option<i32>) {
     .unwrap_or_else(|e| raise(ERRCODE_INTERNAL_ERROR, format!("could not retire key {key_id}: {e}")));
     store::invalidate(relations.writer_key);
     admin::record("KEY_RETIRE", &format!("retire key {key_id}"), None);
+}
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pg_schema]
+mod tests {
+    use pgrx::prelude::*;
+
+    #[pg_test(
+        error = "invalid public key: not the canonical encoding of an X25519 public key (top bit set, or not below 2^255 - 19)"
+    )]
+    fn a_key_with_its_top_bit_set_is_refused() {
+        // The same point as a key already installed, under another encoding.
+        Spi::run(
+            "CREATE TEMP TABLE pair AS SELECT public_key FROM subject_audit.generate_keypair();
+             SELECT subject_audit.install_public_key(public_key) FROM pair;
+             SELECT subject_audit.install_public_key(
+                 set_byte(public_key, 31, get_byte(public_key, 31) | 128)) FROM pair",
+        )
+        .unwrap();
+    }
+
+    #[pg_test(error = "this public key is already installed as key 1")]
+    fn a_key_installed_under_another_encoding_is_a_duplicate() {
+        // A key stored before canonical encodings were required.
+        Spi::run(
+            "CREATE TEMP TABLE pair AS SELECT public_key FROM subject_audit.generate_keypair();
+             INSERT INTO subject_audit.writer_key (key_id, public_key)
+                 SELECT 1, set_byte(public_key, 31, get_byte(public_key, 31) | 128) FROM pair;
+             SELECT subject_audit.install_public_key(public_key) FROM pair",
+        )
+        .unwrap();
+    }
 }

@@ -14,8 +14,10 @@ mod reading;
 mod roles;
 mod tracking;
 
-/// Installs the utility hook (DISCARD ALL, settings changes, capture switched off). Called from `_PG_init`.
+/// Defines the readers' setting and installs the utility hook (DISCARD
+/// ALL, settings changes, capture switched off). Called from `_PG_init`.
 pub fn init() {
+    admin::init();
     ddl_trail::init();
 }
 

@@ -19,9 +19,12 @@ type TrailRowValues = (
     Vec<String>,
     Option<pgrx::JsonB>,
     Option<pgrx::JsonB>,
+    String,
 );
 
 /// That subject's events, oldest first, decrypted with the session's keys.
+/// `db_role` is the role that ran the statement: `actor` is whatever the
+/// session set, so a made-up one shows beside the role that really acted.
 #[pg_extern(volatile, parallel_unsafe)]
 #[allow(clippy::type_complexity)]
 fn audit_for_subject(
@@ -41,6 +44,7 @@ fn audit_for_subject(
         name!(changed_columns, Vec<String>),
         name!(before, Option<pgrx::JsonB>),
         name!(after, Option<pgrx::JsonB>),
+        name!(db_role, String),
     ),
 > {
     let token = super::required(token, "token");
@@ -65,6 +69,7 @@ fn audit_for_subject(
                 e.changed_columns,
                 before.map(pgrx::JsonB),
                 after.map(pgrx::JsonB),
+                e.db_role,
             )
         })
         .collect();
@@ -140,4 +145,70 @@ fn record_access(
     let token = super::required(token, "token");
     let title = super::required(title, "title");
     access::record_application_access(token, title, description)
+}
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pg_schema]
+mod tests {
+    use pgrx::prelude::*;
+
+    fn one<T: FromDatum + IntoDatum>(sql: &str) -> T {
+        Spi::get_one::<T>(sql).unwrap().unwrap()
+    }
+
+    fn tracked_with_events() {
+        Spi::run(
+            "SELECT subject_audit.install_public_key(public_key), subject_audit.unlock(private_key)
+             FROM subject_audit.generate_keypair();
+             CREATE TABLE r (id int PRIMARY KEY, who text, a text);
+             SELECT subject_audit.track('r', 'who');
+             INSERT INTO r VALUES (1, 'w', 'one');
+             SET LOCAL subject_audit.actor = 'alice';
+             UPDATE r SET a = 'two';
+             RESET subject_audit.actor;
+             UPDATE r SET a = 'three';",
+        )
+        .unwrap();
+    }
+
+    #[pg_test]
+    fn a_made_up_actor_shows_beside_the_role_that_acted() {
+        tracked_with_events();
+        let me: String = one("SELECT current_user::text");
+        let trail: String =
+            one("SELECT db_role FROM subject_audit.audit_for_subject('w') WHERE actor = 'alice'");
+        assert_eq!(trail, me);
+        let view: String = one("SELECT db_role FROM subject_audit.events WHERE actor = 'alice'");
+        assert_eq!(view, me);
+        let export: String = one("SELECT e ->> 'database_role' FROM jsonb_array_elements(
+                 subject_audit.export_subject('w') -> 'events') e WHERE e ->> 'actor' = 'alice'");
+        assert_eq!(export, me);
+    }
+
+    #[pg_test]
+    fn an_event_that_fails_authentication_is_marked_and_the_rest_is_read() {
+        tracked_with_events();
+        // Flip one bit of the middle event's ciphertext, past the append-only trigger.
+        Spi::run(
+            "ALTER TABLE subject_audit.event DISABLE TRIGGER append_only;
+             UPDATE subject_audit.event SET payload = set_byte(payload, 0, get_byte(payload, 0) # 1)
+             WHERE event_id = (SELECT event_id FROM subject_audit.events WHERE actor = 'alice');
+             ALTER TABLE subject_audit.event ENABLE TRIGGER append_only;",
+        )
+        .unwrap();
+        let marked: String = one(
+            "SELECT string_agg(format('%s %s %s %s', operation, description, before IS NULL, after IS NULL), ' | ' ORDER BY event_id)
+             FROM subject_audit.audit_for_subject('w') WHERE table_name = 'public.r'",
+        );
+        assert_eq!(
+            marked,
+            "INSERT created id, who, a t f | UPDATE could not be authenticated: its ciphertext does not belong to this event and subject (altered or moved; see subject_audit.verify()) t t | UPDATE changed a f f"
+        );
+        let export: String = one(
+            "SELECT string_agg(e ->> 'authenticated', ',' ORDER BY (e ->> 'event_id')::bigint)
+             FROM jsonb_array_elements(subject_audit.export_subject('w') -> 'events') e
+             WHERE e ->> 'table_name' = 'public.r'",
+        );
+        assert_eq!(export, "true,false,true");
+    }
 }

@@ -380,6 +380,48 @@ pub fn estimated_rows(relid: Oid, rows_per_page: f64) -> f64 {
     .unwrap_or(0.0)
 }
 
+/// What a background worker pins as soon as it is connected. It runs as the
+/// bootstrap superuser, but its connection took the settings of its database
+/// and role (ALTER DATABASE/ROLE … SET), which the database's owner, no
+/// superuser, may choose: on its search_path an operator, function or view of
+/// that owner's would run with superuser rights, and the others could stop or
+/// skew the worker's statements. PGC_S_OVERRIDE outranks those sources, a
+/// reload of postgresql.conf and any later SET.
+const WORKER_SETTINGS: &[(&std::ffi::CStr, &std::ffi::CStr)] = &[
+    (c"search_path", c"pg_catalog, pg_temp"),
+    // How string literals and `= NULL` parse.
+    (c"standard_conforming_strings", c"on"),
+    (c"transform_null_equals", c"off"),
+    (c"bytea_output", c"hex"),
+    // What would make every transaction of the worker fail or behave otherwise.
+    (c"default_transaction_read_only", c"off"),
+    (c"default_transaction_isolation", c"read committed"),
+    (c"default_transaction_deferrable", c"off"),
+    (c"statement_timeout", c"0"),
+    (c"idle_in_transaction_session_timeout", c"0"),
+];
+
+/// Pins `WORKER_SETTINGS` and `extra` (name, value) for this background
+/// worker, before it runs any query. Call right after connecting.
+pub fn pin_worker_settings(extra: &[(&std::ffi::CStr, &std::ffi::CStr)]) {
+    for (name, value) in WORKER_SETTINGS.iter().chain(extra) {
+        unsafe {
+            pg_sys::SetConfigOption(
+                name.as_ptr(),
+                value.as_ptr(),
+                pg_sys::GucContext::PGC_SUSET,
+                pg_sys::GucSource::PGC_S_OVERRIDE,
+            )
+        };
+    }
+}
+
+/// Whether the extension is installed in this database, by a catalog
+/// lookup: no SQL, so no name is resolved through any search_path.
+pub fn extension_installed() -> bool {
+    unsafe { pg_sys::get_extension_oid(c"pg_subject_audit".as_ptr(), true) != pg_sys::InvalidOid }
+}
+
 /// A string setting, `None` when unset or empty.
 pub fn setting(name: &std::ffi::CStr) -> Option<String> {
     let value = unsafe { pg_sys::GetConfigOption(name.as_ptr(), true, false) };
