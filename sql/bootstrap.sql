@@ -71,11 +71,14 @@ CREATE TABLE subject_audit.subject_key (
 -- one: NULLS NOT DISTINCT) and all its keys (the digest prefix).
 CREATE UNIQUE INDEX subject_key_digest ON subject_audit.subject_key (subject_digest, erased_at) NULLS NOT DISTINCT;
 
+-- tracked_as: the table's quoted schema.name when track() last ran; a name
+-- it no longer goes by is a problem `tracked` shows (see finalize.sql).
 CREATE TABLE subject_audit.tracked_table (
     relid regclass PRIMARY KEY,
     subject_attnum smallint NOT NULL,
     exclude_attnums smallint[] NOT NULL DEFAULT '{}',
-    since timestamptz NOT NULL DEFAULT pg_catalog.now()
+    since timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    tracked_as text NOT NULL
 );
 
 CREATE SEQUENCE subject_audit.event_event_id_seq AS bigint;
@@ -172,18 +175,6 @@ CREATE TRIGGER append_only BEFORE UPDATE OR DELETE OR TRUNCATE ON subject_audit.
     FOR EACH STATEMENT EXECUTE FUNCTION subject_audit.refuse_change();
 CREATE TRIGGER append_only BEFORE UPDATE OR DELETE OR TRUNCATE ON subject_audit.event_label
     FOR EACH STATEMENT EXECUTE FUNCTION subject_audit.refuse_change();
-
-CREATE VIEW subject_audit.tracked AS
-SELECT t.relid AS table_name,
-       a.attname AS subject_column,
-       ARRAY(SELECT x.attname FROM pg_catalog.pg_attribute x
-             WHERE x.attrelid OPERATOR(pg_catalog.=) t.relid
-               AND x.attnum OPERATOR(pg_catalog.=) ANY (t.exclude_attnums)
-             ORDER BY x.attnum)::pg_catalog.name[] AS exclude_columns,
-       t.since
-FROM subject_audit.tracked_table t
-LEFT JOIN pg_catalog.pg_attribute a
-    ON a.attrelid OPERATOR(pg_catalog.=) t.relid AND a.attnum OPERATOR(pg_catalog.=) t.subject_attnum;
 
 -- Reporting without a key: metadata only. subject_ref is a short pseudonym
 -- (the first 48 bits of the keyed digest), not the token. actor is whatever

@@ -91,6 +91,8 @@ WHERE table_name = 'public.people' AND subject_ref IS NULL;
 
 -- ALTER TABLE: added, dropped and renamed columns; the subject column renamed is followed.
 ALTER TABLE people ADD COLUMN phone text;
+-- A recorded column is dropped only once it holds no value: NULLed first, captured.
+UPDATE people SET note = NULL WHERE note IS NOT NULL;
 ALTER TABLE people DROP COLUMN note;
 ALTER TABLE people RENAME COLUMN email TO mail;
 ALTER TABLE people RENAME COLUMN who TO person;

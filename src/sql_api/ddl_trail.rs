@@ -7,22 +7,28 @@
 //!   A session's own SET is not recorded: it changes nothing for anyone else.
 //! - CAPTURE_OFF: a capture trigger that stops capturing (dropped, disabled,
 //!   origin- or replica-only, narrowed, re-pointed), whatever the statement:
-//!   the trigger state is checked, not the syntax. Creating, replacing or
+//!   the trigger state is checked, not the syntax, and every change to a
+//!   state that does not capture fully is an event (disabled, enabled in
+//!   origin mode only, disabled again: three). Creating, replacing or
 //!   renaming a capture trigger by hand is refused.
+//! - RENAME: a tracked table renamed or moved to another schema (itself or
+//!   its schema): whatever takes its old name is not tracked.
 //! - Tracked tables follow DDL: a dropped one leaves `tracked` (an UNTRACK
-//!   event says so; its events stay), dropping its subject column is
-//!   refused, partitions created, attached or detached later get or lose the
-//!   capture triggers.
+//!   event says so; its events stay), partitions created, attached or
+//!   detached later get or lose the capture triggers.
+//! - Column changes that would change or remove captured values unrecorded
+//!   are refused (`column_ddl`).
 //!
 //! Needs the library loaded before the statement runs: with
 //! `shared_preload_libraries` it always is.
 
-use std::cell::Cell;
 use std::ffi::CStr;
 
 use pgrx::pg_sys;
 
-use super::{admin, tracking};
+use super::capture_triggers::{self, capture_gaps, new_gaps};
+use super::nodes::{list_items, text};
+use super::{admin, column_ddl, tracking};
 use crate::{keyring, observe, store};
 
 static mut PREVIOUS_PROCESS_UTILITY: pg_sys::ProcessUtility_hook_type = None;
@@ -42,25 +48,6 @@ unsafe extern "C-unwind" {
         dest: *mut pg_sys::DestReceiver,
         completion: *mut pg_sys::QueryCompletion,
     );
-}
-
-thread_local! {
-    /// Set while `track()`/`untrack()` manage the triggers themselves: they
-    /// leave their own TRACK/UNTRACK events.
-    static OWN_DDL: Cell<bool> = const { Cell::new(false) };
-}
-
-/// Runs `f`, whose trigger DDL is the extension's own and not recorded here.
-pub fn own_ddl<R>(f: impl FnOnce() -> R) -> R {
-    /// Restores the flag however `f` ends, an error included.
-    struct Restore(bool);
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            OWN_DDL.with(|o| o.set(self.0));
-        }
-    }
-    let _restore = Restore(OWN_DDL.with(|o| o.replace(true)));
-    f()
 }
 
 /// Settings whose value is recorded; the others may hold personal values
@@ -102,7 +89,7 @@ unsafe extern "C-unwind" fn process_utility(
     let relevant =
         !node.is_null() && RELEVANT.contains(&(*node).type_) && pg_sys::IsTransactionState();
     let installed = relevant && store::extension_installed() && !in_our_script();
-    let own = OWN_DDL.with(Cell::get);
+    let own = capture_triggers::in_own_ddl();
     // Described before running: the statement's tree may be scribbled on.
     let setting = if installed {
         describe_setting(node)
@@ -120,12 +107,12 @@ unsafe extern "C-unwind" fn process_utility(
         }
     }
     if installed && !own {
-        tracking::refuse_subject_column_drop(node);
+        column_ddl::refuse_unrecorded_value_changes(node);
         refuse_capture_trigger_ddl(node);
     }
     let tracked_before = (installed && drops_relations(node)).then(tracking::tracked_tables);
-    let gaps_before =
-        (installed && !own && may_switch_capture_off(node)).then(tracking::capture_gaps);
+    let names_before = (installed && renames_relations(node)).then(tracking::tracked_tables);
+    let gaps_before = (installed && !own && may_switch_capture_off(node)).then(capture_gaps);
     let partition = if installed {
         partition_change(node)
     } else {
@@ -142,7 +129,13 @@ unsafe extern "C-unwind" fn process_utility(
         && observe::start_utility(node);
     // Held by pointer across the call: an error there jumps past this frame,
     // which must hold no value whose destructor would be skipped (it leaks).
-    let before = Box::into_raw(Box::new((setting, tracked_before, gaps_before, partition)));
+    let before = Box::into_raw(Box::new((
+        setting,
+        tracked_before,
+        names_before,
+        gaps_before,
+        partition,
+    )));
     match PREVIOUS_PROCESS_UTILITY {
         Some(previous) => previous(
             statement,
@@ -165,7 +158,7 @@ unsafe extern "C-unwind" fn process_utility(
             completion,
         ),
     }
-    let (setting, tracked_before, gaps_before, partition) = *Box::from_raw(before);
+    let (setting, tracked_before, names_before, gaps_before, partition) = *Box::from_raw(before);
     if watched {
         let rows = if completion.is_null() {
             0
@@ -190,21 +183,20 @@ unsafe extern "C-unwind" fn process_utility(
     if let Some(before) = tracked_before {
         tracking::forget_dropped_tables(&before);
     }
+    if let Some(before) = names_before {
+        tracking::record_renames(&before);
+    }
     if let Some((partition, attached)) = partition {
         if let Some(relid) = store::relation_id(partition) {
             tracking::follow_partition(relid, attached);
         }
     }
     // Whatever the syntax, what counts is the state it leaves: every capture
-    // trigger present, calling its function, firing ALWAYS.
-    // A trigger that already had a gap was reported when it got it: only
-    // triggers that were healthy before count (so a restore creating the
-    // triggers, on several connections at once, reports nothing).
+    // trigger present, calling its function, firing ALWAYS. Each change to a
+    // state short of that is reported, so a trigger already off cannot be
+    // weakened further unseen.
     if let Some(before) = gaps_before {
-        for gap in tracking::capture_gaps()
-            .into_iter()
-            .filter(|g| !before.iter().any(|b| b.trigger == g.trigger))
-        {
+        for gap in new_gaps(&before, &capture_gaps()) {
             let title = format!("capture off: {} {}", gap.trigger, gap.problem);
             admin::record("CAPTURE_OFF", &title, None);
         }
@@ -212,7 +204,7 @@ unsafe extern "C-unwind" fn process_utility(
 }
 
 /// Statements the hook looks at; everything else passes straight through.
-const RELEVANT: [pg_sys::NodeTag; 11] = [
+const RELEVANT: [pg_sys::NodeTag; 12] = [
     pg_sys::NodeTag::T_AlterSystemStmt,
     pg_sys::NodeTag::T_AlterDatabaseSetStmt,
     pg_sys::NodeTag::T_AlterRoleSetStmt,
@@ -220,6 +212,7 @@ const RELEVANT: [pg_sys::NodeTag; 11] = [
     pg_sys::NodeTag::T_DropStmt,
     pg_sys::NodeTag::T_DropOwnedStmt,
     pg_sys::NodeTag::T_RenameStmt,
+    pg_sys::NodeTag::T_AlterObjectSchemaStmt,
     pg_sys::NodeTag::T_CreateTrigStmt,
     pg_sys::NodeTag::T_AlterObjectDependsStmt,
     pg_sys::NodeTag::T_CreateStmt,
@@ -251,10 +244,10 @@ unsafe fn refuse_capture_trigger_ddl(node: *mut pg_sys::Node) {
             let name = text((*stmt).trigname);
             let function = pg_sys::LookupFuncName((*stmt).funcname, 0, std::ptr::null(), true);
             let calls_ours = function != pg_sys::InvalidOid
-                && tracking::TRIGGER_FUNCTIONS
+                && capture_triggers::TRIGGER_FUNCTIONS
                     .iter()
                     .any(|f| our_function(f) == function);
-            let refused = match tracking::trigger_function(&name) {
+            let refused = match capture_triggers::trigger_function(&name) {
                 Some(expected) => {
                     let expected = std::ffi::CString::new(expected).unwrap_or_default();
                     (*stmt).replace || function != our_function(&expected)
@@ -267,7 +260,8 @@ unsafe fn refuse_capture_trigger_ddl(node: *mut pg_sys::Node) {
             let stmt = node as *mut pg_sys::RenameStmt;
             let (old, new) = (text((*stmt).subname), text((*stmt).newname));
             ((*stmt).renameType == pg_sys::ObjectType::OBJECT_TRIGGER
-                && (tracking::is_capture_trigger(&old) || tracking::is_capture_trigger(&new)))
+                && (capture_triggers::is_capture_trigger(&old)
+                    || capture_triggers::is_capture_trigger(&new)))
             .then_some(old)
         }
         _ => None,
@@ -333,6 +327,15 @@ unsafe fn in_our_script() -> bool {
     pg_sys::creating_extension
         && pg_sys::CurrentExtensionObject
             == pg_sys::get_extension_oid(c"pg_subject_audit".as_ptr(), true)
+}
+
+/// Whether the statement may rename a table or move it to another schema
+/// (itself or its schema: any rename, any SET SCHEMA).
+unsafe fn renames_relations(node: *mut pg_sys::Node) -> bool {
+    matches!(
+        (*node).type_,
+        pg_sys::NodeTag::T_RenameStmt | pg_sys::NodeTag::T_AlterObjectSchemaStmt
+    )
 }
 
 /// Whether the statement may drop tables (directly, by cascade or with their owner).
@@ -409,20 +412,4 @@ unsafe fn describe_setting(node: *mut pg_sys::Node) -> Option<String> {
         _ => format!("SET {name}"),
     };
     Some(format!("{scope} {action}"))
-}
-
-pub(super) unsafe fn list_items(list: *mut pg_sys::List) -> Vec<*mut std::ffi::c_void> {
-    if list.is_null() {
-        return Vec::new();
-    }
-    (0..(*list).length as usize)
-        .map(|i| (*(*list).elements.add(i)).ptr_value)
-        .collect()
-}
-
-pub(super) unsafe fn text(s: *const std::ffi::c_char) -> String {
-    if s.is_null() {
-        return String::new();
-    }
-    CStr::from_ptr(s).to_string_lossy().into_owned()
 }

@@ -3,10 +3,13 @@
 
 mod access;
 mod admin;
+mod capture_triggers;
+mod column_ddl;
 mod ddl_trail;
 mod erasure;
 mod keys;
 mod ledger;
+mod nodes;
 mod reading;
 mod roles;
 mod tracking;

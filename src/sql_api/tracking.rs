@@ -4,54 +4,10 @@ use pgrx::prelude::*;
 use pgrx::PgSqlErrorCode::*;
 use pgrx::{spi, PgRelation};
 
-use super::{admin, ddl_trail};
-use crate::store::{self, error::raise, error::raise_with_hint};
+use super::admin;
+use super::capture_triggers::{create_triggers, drop_triggers};
+use crate::store::{self, error::raise};
 use crate::{capture, deferred};
-
-/// A trigger `track()` installs.
-struct TriggerSpec {
-    name: &'static str,
-    /// Timing and event, `{table}` standing for the table.
-    when: &'static str,
-    for_each: &'static str,
-    function: &'static str,
-    /// `pg_trigger.tgtype` of the trigger as created.
-    tgtype: i16,
-}
-
-/// The capture triggers: statement-level with transition tables; TRUNCATE
-/// has none, so it is read before it happens. (Whose rows a failing
-/// statement touched is noted from its plan: `observe`.)
-const TRIGGERS: [TriggerSpec; 4] = [
-    TriggerSpec {
-        name: "subject_audit_capture_insert",
-        when: "AFTER INSERT ON {table} REFERENCING NEW TABLE AS subject_audit_new",
-        for_each: "STATEMENT",
-        function: "capture_change",
-        tgtype: 4,
-    },
-    TriggerSpec {
-        name: "subject_audit_capture_update",
-        when: "AFTER UPDATE ON {table} REFERENCING OLD TABLE AS subject_audit_old NEW TABLE AS subject_audit_new",
-        for_each: "STATEMENT",
-        function: "capture_change",
-        tgtype: 16,
-    },
-    TriggerSpec {
-        name: "subject_audit_capture_delete",
-        when: "AFTER DELETE ON {table} REFERENCING OLD TABLE AS subject_audit_old",
-        for_each: "STATEMENT",
-        function: "capture_change",
-        tgtype: 8,
-    },
-    TriggerSpec {
-        name: "subject_audit_capture_truncate",
-        when: "BEFORE TRUNCATE ON {table}",
-        for_each: "STATEMENT",
-        function: "capture_change",
-        tgtype: 34,
-    },
-];
 
 fn quoted_name(table: &PgRelation) -> String {
     let schema = spi::quote_identifier(table.namespace());
@@ -115,13 +71,30 @@ fn track(
             "install a public key with subject_audit.install_public_key() before tracking tables",
         );
     }
+    // Tracking again repairs whatever `tracked` shows wrong (triggers
+    // recreated, the name it goes by now recorded): the event says what.
+    let problems = store::as_owner(|| {
+        store::select_one::<Vec<String>>(
+            "SELECT problems FROM subject_audit.tracked \
+             WHERE table_name OPERATOR(pg_catalog.=) $1::pg_catalog.oid::pg_catalog.regclass",
+            &[tbl.oid().into()],
+        )
+    })
+    .ok()
+    .flatten()
+    .unwrap_or_default();
     store::as_owner(|| {
         Spi::run_with_args(
-            "INSERT INTO subject_audit.tracked_table (relid, subject_attnum, exclude_attnums) \
-             VALUES ($1::pg_catalog.oid::pg_catalog.regclass, $2, $3) \
+            "INSERT INTO subject_audit.tracked_table (relid, subject_attnum, exclude_attnums, tracked_as) \
+             VALUES ($1::pg_catalog.oid::pg_catalog.regclass, $2, $3, $4) \
              ON CONFLICT (relid) DO UPDATE SET subject_attnum = excluded.subject_attnum, \
-             exclude_attnums = excluded.exclude_attnums",
-            &[tbl.oid().into(), subject.into(), excluded.into()],
+             exclude_attnums = excluded.exclude_attnums, tracked_as = excluded.tracked_as",
+            &[
+                tbl.oid().into(),
+                subject.into(),
+                excluded.into(),
+                name.as_str().into(),
+            ],
         )
     })
     .unwrap_or_else(|e| {
@@ -134,12 +107,16 @@ fn track(
     // table closed: ALTER TABLE refuses a table this session holds open.
     let relid = tbl.oid();
     drop(tbl);
-    admin::record("TRACK", &format!("track {name}"), Some(&name));
+    let title = match problems.is_empty() {
+        true => format!("track {name}"),
+        false => format!("track {name} (repairs: {})", problems.join("; ")),
+    };
+    admin::record("TRACK", &title, Some(&name));
     // A partitioned table: its partitions get the triggers too, for DML
     // that names a partition directly.
     for (table, table_name) in [(relid, name)].into_iter().chain(partitions(relid)) {
         drop_triggers(table, &table_name);
-        ddl_trail::own_ddl(|| create_triggers(&table_name));
+        create_triggers(&table_name);
         store::invalidate(table);
     }
     if !deferred::available() {
@@ -234,7 +211,7 @@ pub(super) fn follow_partition(relid: pg_sys::Oid, attached: bool) {
         (true, Some(ancestor)) => {
             for (table, table_name) in tables() {
                 drop_triggers(table, &table_name);
-                ddl_trail::own_ddl(|| create_triggers(&table_name));
+                create_triggers(&table_name);
                 store::invalidate(table);
             }
             admin::record(
@@ -257,88 +234,6 @@ pub(super) fn follow_partition(relid: pg_sys::Oid, attached: bool) {
         _ => {}
     }
 }
-
-/// What is wrong with the capture triggers of the tracked tables and their
-/// partitions, one line per trigger: missing, disabled, firing only in
-/// origin or replica mode, calling another function, or narrowed (other
-/// events, a column list, a WHEN clause). Read-only and lock-free (the
-/// partition tree is walked in pg_inherits, not with pg_partition_tree, which
-/// locks every partition), so it can run around any DDL statement.
-pub(super) fn capture_gaps() -> Vec<CaptureGap> {
-    let expected = pgrx::JsonB(serde_json::Value::Array(
-        TRIGGERS
-            .iter()
-            .map(|t| {
-                serde_json::json!({"tgname": t.name, "tgtype": t.tgtype,
-                    "function": t.function})
-            })
-            .collect(),
-    ));
-    let gaps = store::as_owner(|| {
-        store::select_one::<Vec<String>>(
-            "WITH RECURSIVE tables(relid) AS ( \
-               SELECT t.relid::pg_catalog.oid FROM subject_audit.tracked_table t \
-               UNION SELECT i.inhrelid FROM pg_catalog.pg_inherits i JOIN tables ON i.inhparent OPERATOR(pg_catalog.=) tables.relid), \
-             expected(tgname, tgtype, foid) AS (SELECT x.tgname, x.tgtype, \
-               pg_catalog.to_regprocedure(pg_catalog.format('subject_audit.%s()', x.function))::pg_catalog.oid \
-               FROM pg_catalog.jsonb_to_recordset($1) x(tgname pg_catalog.text, tgtype pg_catalog.int2, function pg_catalog.text)) \
-             SELECT pg_catalog.array_agg(pg_catalog.format('%s: %s|%s', tables.relid::pg_catalog.regclass::pg_catalog.text, e.tgname, \
-               CASE WHEN g.oid IS NULL THEN 'missing' \
-                    WHEN g.tgfoid OPERATOR(pg_catalog.<>) e.foid THEN 'calls another function' \
-                    WHEN g.tgtype OPERATOR(pg_catalog.<>) e.tgtype OR g.tgqual IS NOT NULL \
-                      OR pg_catalog.cardinality(g.tgattr::pg_catalog.int2[]) OPERATOR(pg_catalog.>) 0 THEN 'narrowed' \
-                    WHEN g.tgenabled OPERATOR(pg_catalog.=) 'D' THEN 'disabled' \
-                    WHEN g.tgenabled OPERATOR(pg_catalog.=) 'R' THEN 'fires only in replica mode' \
-                    ELSE 'fires only in origin mode' END) ORDER BY tables.relid, e.tgname) \
-             FROM tables CROSS JOIN expected e \
-             LEFT JOIN pg_catalog.pg_trigger g ON g.tgrelid OPERATOR(pg_catalog.=) tables.relid \
-               AND g.tgname OPERATOR(pg_catalog.=) e.tgname \
-             WHERE e.foid IS NOT NULL \
-               AND (g.oid IS NULL OR g.tgfoid OPERATOR(pg_catalog.<>) e.foid \
-               OR g.tgtype OPERATOR(pg_catalog.<>) e.tgtype OR g.tgqual IS NOT NULL \
-               OR pg_catalog.cardinality(g.tgattr::pg_catalog.int2[]) OPERATOR(pg_catalog.>) 0 \
-               OR g.tgenabled OPERATOR(pg_catalog.<>) 'A')",
-            &[expected.into()],
-        )
-    });
-    gaps.unwrap_or_else(|e| {
-        raise(
-            ERRCODE_INTERNAL_ERROR,
-            format!("could not check the capture triggers: {e}"),
-        )
-    })
-    .unwrap_or_default()
-    .into_iter()
-    .filter_map(|line| {
-        let (trigger, problem) = line.split_once('|')?;
-        Some(CaptureGap {
-            trigger: trigger.to_owned(),
-            problem: problem.to_owned(),
-        })
-    })
-    .collect()
-}
-
-/// One capture trigger that does not capture as it should.
-pub(super) struct CaptureGap {
-    /// `table: trigger_name`
-    pub trigger: String,
-    /// missing, disabled, fires only in origin mode, ...
-    pub problem: String,
-}
-
-/// Whether `name` is one of the capture triggers' names.
-pub(super) fn is_capture_trigger(name: &str) -> bool {
-    trigger_function(name).is_some()
-}
-
-/// The function one of our triggers must call, by the trigger's name.
-pub(super) fn trigger_function(name: &str) -> Option<&'static str> {
-    TRIGGERS.iter().find(|t| t.name == name).map(|t| t.function)
-}
-
-/// The functions our triggers call.
-pub(super) const TRIGGER_FUNCTIONS: [&std::ffi::CStr; 1] = [c"capture_change"];
 
 /// Tracked tables by OID, with their names while they still have them.
 pub(super) fn tracked_tables() -> Vec<(pg_sys::Oid, String)> {
@@ -382,88 +277,22 @@ pub(super) fn forget_dropped_tables(before: &[(pg_sys::Oid, String)]) {
     }
 }
 
-/// Refuses `ALTER TABLE … DROP COLUMN` of a tracked table's subject column:
-/// capture could no longer tell whose rows change.
-pub(super) unsafe fn refuse_subject_column_drop(node: *mut pg_sys::Node) {
-    if node.is_null() || (*node).type_ != pg_sys::NodeTag::T_AlterTableStmt {
-        return;
-    }
-    let stmt = node as *mut pg_sys::AlterTableStmt;
-    let drops: Vec<String> = ddl_trail::list_items((*stmt).cmds)
-        .into_iter()
-        .map(|cmd| cmd as *mut pg_sys::AlterTableCmd)
-        .filter(|&cmd| (*cmd).subtype == pg_sys::AlterTableType::AT_DropColumn)
-        .map(|cmd| ddl_trail::text((*cmd).name))
-        .collect();
-    if drops.is_empty() || (*stmt).relation.is_null() {
-        return;
-    }
-    let Some(relid) = store::relation_id((*stmt).relation) else {
-        return;
-    };
-    let subject = store::as_owner(|| {
-        store::select_one::<String>(
-            "SELECT a.attname::pg_catalog.text FROM subject_audit.tracked_table t \
-             JOIN pg_catalog.pg_attribute a ON a.attrelid OPERATOR(pg_catalog.=) t.relid \
-             AND a.attnum OPERATOR(pg_catalog.=) t.subject_attnum \
-             WHERE t.relid OPERATOR(pg_catalog.=) $1::pg_catalog.oid::pg_catalog.regclass",
-            &[relid.into()],
-        )
-    });
-    if let Ok(Some(subject)) = subject {
-        if drops.contains(&subject) {
-            raise_with_hint(
-                ERRCODE_DEPENDENT_OBJECTS_STILL_EXIST,
-                format!(
-                    "cannot drop column \"{subject}\": it is the subject column of a tracked table"
-                ),
-                "untrack the table first with subject_audit.untrack()",
+/// After a statement that may rename tables or move them to another schema:
+/// a tracked table that goes by another name now leaves a RENAME event. Its
+/// changes are still captured, under the new name; whatever takes the old
+/// name is not tracked (`tracked` shows it until `track()` is run again).
+pub(super) fn record_renames(before: &[(pg_sys::Oid, String)]) {
+    let after = tracked_tables();
+    for (oid, old) in before {
+        let Some((_, new)) = after.iter().find(|(o, _)| o == oid) else {
+            continue;
+        };
+        if new != old {
+            admin::record(
+                "RENAME",
+                &format!("rename tracked table {old} to {new}: {old} is no longer captured"),
+                Some(new),
             );
-        }
-    }
-}
-
-/// Creates the capture triggers, firing ALWAYS: also under
-/// `session_replication_role = replica` and in logical replication apply,
-/// so neither is a way around capture.
-fn create_triggers(name: &str) {
-    for spec in &TRIGGERS {
-        let (trigger, function) = (spec.name, spec.function);
-        let when = spec.when.replace("{table}", name);
-        Spi::run(&format!(
-            "CREATE TRIGGER {trigger} {when} FOR EACH {} \
-             EXECUTE FUNCTION subject_audit.{function}(); \
-             ALTER TABLE {name} ENABLE ALWAYS TRIGGER {trigger}",
-            spec.for_each
-        ))
-        .unwrap_or_else(|e| {
-            raise(
-                ERRCODE_INTERNAL_ERROR,
-                format!("could not create trigger on {name}: {e}"),
-            )
-        });
-    }
-}
-
-/// Drops the capture triggers `tbl` has, quietly (no "does not exist" notices).
-fn drop_triggers(relid: pg_sys::Oid, name: &str) {
-    ddl_trail::own_ddl(|| drop_each_trigger(relid, name));
-}
-
-fn drop_each_trigger(relid: pg_sys::Oid, name: &str) {
-    for trigger in TRIGGERS.map(|t| t.name) {
-        let exists = Spi::get_one_with_args::<bool>(
-            "SELECT EXISTS (SELECT FROM pg_catalog.pg_trigger \
-             WHERE tgrelid OPERATOR(pg_catalog.=) $1 AND tgname OPERATOR(pg_catalog.=) $2)",
-            &[relid.into(), trigger.into()],
-        );
-        if matches!(exists, Ok(Some(true))) {
-            Spi::run(&format!("DROP TRIGGER {trigger} ON {name}")).unwrap_or_else(|e| {
-                raise(
-                    ERRCODE_INTERNAL_ERROR,
-                    format!("could not drop trigger on {name}: {e}"),
-                )
-            });
         }
     }
 }
